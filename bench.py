@@ -1,0 +1,131 @@
+"""
+Decode-speed benchmark: our GPT with the full cache against Hugging Face transformers'
+GPT-2 `generate` on the same randomly initialised weights, on this machine's CPU.
+
+    python bench.py                      # GPT-2 124M and a tiny config, prompt 512, 128 new tokens
+    python bench.py --sizes tiny --new 64
+
+Everything is measured side by side in one run and printed as ratios. Also printed: the
+memory-bandwidth roofline (bytes a decode step must read / bandwidth measured here) and the
+KV-cache bytes per token of every GPT-2 size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from gpt import GPT, GPTConfig
+from nanokv import KVCache
+
+SIZES = {
+    "gpt2": GPTConfig.preset("gpt2"),
+    "tiny": GPTConfig.preset("tiny", block_size=1024),  # room for prompt + new tokens
+}
+
+
+def measure_bandwidth(nbytes=512 * 2**20, repeats=5):
+    """Read bandwidth in bytes/s: the best of a few passes of torch.sum over a large tensor."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
+
+
+def best_of(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def decode_bytes_per_step(n_params, config, context, dtype_bytes=4):
+    """Bytes one decode step must read: every weight once (the tied embedding once, as the
+    output projection) plus the keys and values of `context` cached tokens."""
+    kv = 2 * config.n_layer * context * config.n_embd * dtype_bytes
+    return n_params * dtype_bytes + kv
+
+
+def bench_size(name, config, prompt_len, n_new, repeats, bandwidth):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf_cfg = GPT2Config(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
+                        n_positions=config.block_size, vocab_size=config.vocab_size)
+    hf = GPT2LMHeadModel(hf_cfg).eval()
+    hf.generation_config.eos_token_id = None  # random weights: never stop early
+    hf.generation_config.pad_token_id = 0
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        ours = GPT.from_pretrained(d)  # the very same weights
+    prompt = torch.randint(0, config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(prompt)
+
+    def run_ours():
+        return ours.generate(prompt, n_new, temperature=0)
+
+    def run_hf():
+        return hf.generate(prompt, attention_mask=mask, max_new_tokens=n_new, do_sample=False)
+
+    def prefill_ours():
+        with torch.no_grad():
+            ours(prompt, cache=KVCache(ours.config), last_logits_only=True)
+
+    with torch.no_grad():
+        same = torch.equal(run_ours(), run_hf())  # also the warm-up
+        t_ours, t_hf = best_of(run_ours, repeats), best_of(run_hf, repeats)
+        t_prefill = best_of(prefill_ours, repeats)
+    step = (t_ours - t_prefill) / (n_new - 1)  # one decode step (the first token comes from the prefill)
+    need = decode_bytes_per_step(ours.num_params(non_embedding=False), config, prompt_len + n_new // 2)
+    return {
+        "size": name, "params_M": ours.num_params(non_embedding=False) / 1e6, "same_tokens": same,
+        "ours_s": t_ours, "hf_s": t_hf, "speedup": t_hf / t_ours, "ours_tok_s": n_new / t_ours,
+        "hf_tok_s": n_new / t_hf, "decode_ms": 1e3 * step, "roofline_ms": 1e3 * need / bandwidth,
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="decode speed: nanokv GPT vs transformers GPT-2")
+    p.add_argument("--sizes", default="gpt2,tiny", help=f"comma list from {list(SIZES)}")
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=2, help="best of this many runs")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for both (0 = default)")
+    args = p.parse_args(argv)
+    sizes = args.sizes.split(",")
+    for s in sizes:
+        if s not in SIZES:
+            p.error(f"unknown size {s!r}; valid sizes: {list(SIZES)}")
+    if args.new < 2:
+        p.error("--new must be >= 2")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bw = measure_bandwidth()
+    print(f"threads: {torch.get_num_threads()}   measured read bandwidth: {bw / 1e9:.1f} GB/s")
+    print(f"prompt {args.prompt} tokens, {args.new} new tokens, greedy, fp32, best of {args.repeats}\n")
+    print(f"{'size':6} {'params':>8} {'ours s':>8} {'HF s':>8} {'speedup':>8} {'ours tok/s':>11} "
+          f"{'HF tok/s':>9} {'step ms':>8} {'roofline ms':>12} {'% of roofline':>14} same")
+    for s in sizes:
+        r = bench_size(s, SIZES[s], args.prompt, args.new, args.repeats, bw)
+        print(f"{r['size']:6} {r['params_M']:7.1f}M {r['ours_s']:8.2f} {r['hf_s']:8.2f} {r['speedup']:7.2f}x "
+              f"{r['ours_tok_s']:11.1f} {r['hf_tok_s']:9.1f} {r['decode_ms']:8.2f} {r['roofline_ms']:12.2f} "
+              f"{100 * r['roofline_ms'] / r['decode_ms']:13.0f}% {r['same_tokens']}")
+    print("\nKV-cache bytes per token (keys + values, all layers; + int32 positions per head in nanokv):")
+    for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        c = GPTConfig.preset(name)
+        kv16 = 2 * c.n_layer * c.n_embd * 2
+        print(f"  {name:12} fp16 {kv16 / 1024:7.1f} KiB   fp32 {2 * kv16 / 1024:7.1f} KiB   "
+              f"positions {4 * c.n_layer * c.n_head} B   at 1024 tokens fp16: {kv16 * 1024 / 2**20:6.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""
+A nanoGPT-sized GPT-2 in one file, whose attention can run through a KV cache.
+
+    logits, loss = model(idx, targets=None, cache=None)
+
+Without a cache the model is a plain causal transformer (training, scoring).
+With a `nanokv.KVCache`, every attention layer hands the cache the q, k, v of its
+new tokens and gets the attention output back: the cache owns attention, so the
+model never knows which compression method (if any) is in use. The first call
+with a cache is the prefill; later calls carry one token (decode) or a chunk.
+
+GPT-2 details kept here: learned absolute positions, pre-LayerNorm blocks,
+tanh-approximate GELU, tied input/output embeddings, LayerNorm eps 1e-5.
+Positions are absolute and learned, so a token keeps its true position however
+much a cache evicts; positions at or past `block_size` are refused (streaming
+past the block size is out of scope for this model).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HF_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence (number of learned positions)
+    vocab_size: int = 50257  # GPT-2 BPE; 256 for the byte tokenizer
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # bias in Linear and LayerNorm layers, as GPT-2
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; valid presets: {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"GPTConfig got unknown keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+
+PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    # tiny byte-level models that train on a laptop CPU
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=512, vocab_size=256),
+    "nano": dict(n_layer=2, n_head=2, n_embd=32, block_size=128, vocab_size=256),
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, H, T, D)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if cache is None:
+            drop = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+        else:
+            y = cache.attend(self.layer_idx, q, k, v)  # (B, H, T, D)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        x = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2's "gelu_new"
+        return self.dropout(self.c_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, tokenizer: str | None = None):
+        super().__init__()
+        self.config = config
+        # name of the tokenizer this model was trained with ("byte" or "gpt2"); see nanokv.tokenizer
+        self.tokenizer_name = tokenizer or ("byte" if config.vocab_size == 256 else "gpt2")
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied embeddings
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    @property
+    def tokenizer(self):
+        """The tokenizer this model was trained with (a nanokv.tokenizer object)."""
+        from nanokv.tokenizer import get_tokenizer
+
+        return get_tokenizer(self.tokenizer_name)
+
+    def forward(self, idx, targets=None, cache=None, last_logits_only: bool = False):
+        """idx (B, T) token ids -> logits (B, T, V) (or (B, 1, V) with last_logits_only), loss."""
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype not in (torch.long, torch.int):
+            raise TypeError("idx must be a (B, T) integer tensor of token ids")
+        B, T = idx.shape
+        if T == 0:
+            raise ValueError("idx must hold at least one token (got T=0)")
+        start = 0 if cache is None else cache.seq_len  # position of the first new token
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + T} tokens (positions {start}..{start + T - 1}) is past the "
+                f"model's block_size {self.config.block_size}: GPT-2 positions are learned and absolute"
+            )
+        if cache is not None and (targets is not None) and self.training:
+            raise ValueError("training with a cache is not supported; call model(idx, targets) without one")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, cache)
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            return logits, loss
+        if last_logits_only:
+            x = x[:, -1:, :]
+        return self.lm_head(x), None
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, cache=None, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None):
+        """Continue idx (B, T) by max_new_tokens tokens. temperature=0 is greedy decoding.
+
+        With a cache (any nanokv.KVCache, compressed or not) the prompt is prefilled once and
+        each new token is a one-token decode step; with cache=None a fresh full cache is used.
+        A cache that already holds a context is continued: idx then holds only the new tokens.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be None or >= 1, got {top_k}")
+        if cache is None:
+            from nanokv import KVCache
+
+            cache = KVCache(self.config, "full")
+        total = cache.seq_len + idx.size(1) + max_new_tokens - 1
+        if max_new_tokens and total >= self.config.block_size:
+            raise ValueError(
+                f"generating {max_new_tokens} tokens after {cache.seq_len + idx.size(1)} would reach "
+                f"position {total}, past block_size {self.config.block_size}"
+            )
+        out, step = idx, idx
+        for _ in range(max_new_tokens):
+            logits, _ = self(step, cache=cache, last_logits_only=True)
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                probs = F.softmax(logits, dim=-1)
+                nxt = torch.multinomial(probs, num_samples=1, generator=generator)
+            out = torch.cat((out, nxt), dim=1)
+            step = nxt
+        return out
+
+    # ------------------------------------------------------------------ loading and saving
+    def save_checkpoint(self, path: str, half: bool = False, **extra):
+        """Save config, tokenizer name and weights (plus any extra fields) to one .pt file."""
+        state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in self.state_dict().items()}
+        state.pop("lm_head.weight", None)  # tied to transformer.wte.weight
+        ckpt = {"format": "nanokv-gpt", "config": self.config.to_dict(),
+                "tokenizer": self.tokenizer_name, "model": state, **extra}
+        torch.save(ckpt, path)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None) -> "GPT":
+        """Load GPT-2 weights.
+
+        name_or_path is one of:
+          - a Hugging Face name: gpt2, gpt2-medium, gpt2-large, gpt2-xl (needs transformers and internet);
+          - a local directory saved by transformers' save_pretrained (config.json plus
+            model.safetensors or pytorch_model.bin); works offline, transformers not needed;
+          - a nanokv checkpoint file (.pt) written by GPT.save_checkpoint / train_tiny.py.
+        """
+        if not isinstance(name_or_path, (str, os.PathLike)):
+            raise TypeError(f"name_or_path must be a str or path, got {type(name_or_path).__name__}")
+        path = os.fspath(name_or_path)
+        if os.path.isdir(path):
+            config, state = _read_hf_dir(path)
+            model = cls(config, tokenizer="gpt2" if config.vocab_size == 50257 else "byte")
+            model.load_state_dict_strict(_hf_to_ours(state, config))
+        elif os.path.isfile(path):
+            try:
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
+                raise ValueError(f"cannot read checkpoint {path!r}: {e}") from e
+            if not isinstance(ckpt, dict) or ckpt.get("format") != "nanokv-gpt":
+                raise ValueError(f"{path!r} is not a nanokv checkpoint (no 'format': 'nanokv-gpt' entry)")
+            model = cls(GPTConfig.from_dict(ckpt["config"]), tokenizer=ckpt.get("tokenizer"))
+            state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+            model.load_state_dict_strict(state)
+            model.checkpoint_info = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
+        elif path in HF_NAMES:
+            try:
+                from transformers import GPT2LMHeadModel
+            except ImportError as e:
+                raise ImportError(
+                    f"loading {path!r} from the Hugging Face Hub needs transformers: "
+                    "pip install 'nanokv[dev]' (or pass a local save_pretrained directory)"
+                ) from e
+            hf = GPT2LMHeadModel.from_pretrained(path)
+            config = _config_from_hf(hf.config.to_dict())
+            model = cls(config, tokenizer="gpt2")
+            model.load_state_dict_strict(_hf_to_ours(hf.state_dict(), config))
+        else:
+            raise ValueError(
+                f"unknown model {path!r}: not a file or directory, and not one of the Hugging Face "
+                f"names {list(HF_NAMES)}"
+            )
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.eval()
+
+    def load_state_dict_strict(self, state: dict):
+        """Load weights, raising one error that lists every missing, unexpected or mis-shaped tensor."""
+        own = {k: v for k, v in self.state_dict().items() if k != "lm_head.weight"}
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        misshaped = sorted(
+            f"{k}: expected {tuple(own[k].shape)}, got {tuple(state[k].shape)}"
+            for k in set(own) & set(state) if own[k].shape != state[k].shape
+        )
+        if missing or unexpected or misshaped:
+            raise ValueError(
+                "checkpoint does not match the model config:"
+                + (f"\n  missing tensors: {missing}" if missing else "")
+                + (f"\n  unexpected tensors: {unexpected}" if unexpected else "")
+                + (f"\n  mis-shaped tensors: {misshaped}" if misshaped else "")
+            )
+        self.load_state_dict(state, strict=False)
+        self.lm_head.weight = self.transformer.wte.weight  # keep the tie
+
+
+# ---------------------------------------------------------------------- Hugging Face conversion
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _config_from_hf(d: dict) -> GPTConfig:
+    act = d.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"unsupported activation_function {act!r}; GPT-2 uses gelu_new")
+    try:
+        return GPTConfig(block_size=d["n_positions"], vocab_size=d["vocab_size"], n_layer=d["n_layer"],
+                         n_head=d["n_head"], n_embd=d["n_embd"],
+                         layer_norm_eps=d.get("layer_norm_epsilon", 1e-5))
+    except KeyError as e:
+        raise ValueError(f"config.json lacks the GPT-2 field {e}") from e
+
+
+def _read_hf_dir(path: str):
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"{path!r} is not a save_pretrained directory: no config.json")
+    with open(cfg_path) as f:
+        config = _config_from_hf(json.load(f))
+    st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    try:
+        if os.path.isfile(st):
+            from safetensors.torch import load_file
+
+            state = load_file(st)
+        elif os.path.isfile(pt):
+            state = torch.load(pt, map_location="cpu", weights_only=True)
+        else:
+            raise ValueError(f"{path!r} holds no model.safetensors or pytorch_model.bin")
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"cannot read the weights in {path!r}: {e}") from e
+    return config, state
+
+
+def _hf_to_ours(state: dict, config: GPTConfig) -> dict:
+    """Rename HF GPT-2 tensors to ours and transpose the four Conv1D weights (stored as (in, out))."""
+    out = {}
+    for key, value in state.items():
+        k = key[len("transformer."):] if key.startswith("transformer.") else key
+        if k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"):
+            continue  # causal-mask buffers of older transformers versions, not weights
+        if k == "lm_head.weight":
+            continue  # tied to wte
+        if any(k.endswith(s) for s in _CONV1D):
+            value = value.t()
+        out[k if k.startswith("lm_head") else "transformer." + k] = value.float().contiguous()
+    return out

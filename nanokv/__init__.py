@@ -1,0 +1,27 @@
+"""nanokv: readable reference implementations of KV-cache compression for a GPT-2.
+
+    from gpt import GPT
+    from nanokv import KVCache, METHODS
+    cache = KVCache(model.config, "knorm", budget=64)
+"""
+
+from .cache import KVCache, reference_attention
+from .method import Method, ScoredEviction
+from .methods.full import FullCache
+from .methods.knorm import KeyNorm
+
+# name -> method class. Later methods register here too (see "Add a method" in ARCHITECTURE.md).
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FullCache, KeyNorm)}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Register a Method subclass under cls.name (usable as a decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"register expects a Method subclass, got {cls!r}")
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"a method named {cls.name!r} is already registered: {METHODS[cls.name]}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+__all__ = ["KVCache", "METHODS", "Method", "ScoredEviction", "register", "reference_attention"]

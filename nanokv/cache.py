@@ -1,0 +1,177 @@
+"""
+KVCache: the object a GPT hands its attention to.
+
+    cache = KVCache(model.config, "h2o", budget=64)   # or KVCache(config, H2O(budget=64))
+    logits, _ = model(prompt, cache=cache)            # prefill: attend, then compress
+    logits, _ = model(next_token, cache=cache)        # decode: attend, then compress
+
+Data flow of one attention layer (see ARCHITECTURE.md):
+
+    CausalSelfAttention --q,k,v (B,H,T,D)--> KVCache.attend(layer, q, k, v)
+        -> method.attend(cache, layer, q, k, v, q_pos)
+             layer.append(k, v, pos)                     # store the new tokens
+             out, probs = cache.attention(q, layer, q_pos)  # ONE reference attention for all methods
+             method.observe(layer, probs, ...)           # update scores from the probabilities
+             method.compress(layer)                      # evict / merge / quantize down to budget
+        <- out (B,H,T,D)
+
+Batch size, device and dtype come from the first call. Every layer is a `Ragged` store
+(nanokv/ragged.py) with fields k, v, pos plus whatever per-token state the method declares.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from .ragged import KINDS, Ragged
+
+BACKENDS = ("torch", "triton")
+
+
+def reference_attention(q, k, v, q_pos, k_pos, valid=None):
+    """Softmax attention of new queries over the stored entries, causal by original position.
+
+    q (B, H, T, D); k, v (B, H, L, D); q_pos (T,); k_pos (B, H, L); valid (B, H, L) bool or None.
+    Returns out (B, H, T, D) in q's dtype and probs (B, H, T, L) in fp32 (the scores every
+    eviction method reads). Probabilities are computed in fp32 whatever the model dtype.
+    """
+    scale = 1.0 / math.sqrt(q.size(-1))
+    att = (q @ k.transpose(-2, -1)).float() * scale  # (B, H, T, L)
+    if q.size(2) > 1 or valid is not None:  # a single newest query sees every stored entry
+        mask = k_pos[:, :, None, :] <= q_pos[None, None, :, None]  # (B, H, T, L)
+        if valid is not None:
+            mask = mask & valid[:, :, None, :]
+        att = att.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(att, dim=-1)
+    out = probs.to(v.dtype) @ v  # (B, H, T, D)
+    return out, probs
+
+
+class KVCache:
+    def __init__(self, config, method="full", backend: str = "torch", **method_kwargs):
+        from . import METHODS
+        from .method import Method
+
+        if not hasattr(config, "n_layer") or not hasattr(config, "n_head"):
+            raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        if isinstance(method, str):
+            if method not in METHODS:
+                raise ValueError(f"unknown method {method!r}; valid methods: {sorted(METHODS)}")
+            method = METHODS[method](**method_kwargs)
+        elif method_kwargs:
+            raise TypeError("method keyword arguments are only accepted with a method name")
+        if not isinstance(method, Method):
+            raise TypeError(f"method must be a name or a nanokv.Method, got {type(method).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "triton":
+            from fast import require_triton
+
+            require_triton()
+        method.check_config(config)
+        self.config = config
+        self.method = method
+        self.backend = backend
+        self.layers: list[Ragged] | None = None  # created by the first call
+
+    # ------------------------------------------------------------------ the call the model makes
+    @property
+    def seq_len(self) -> int:
+        """Number of tokens seen so far (kept or not); the position of the next token."""
+        return 0 if self.layers is None else self.layers[-1].n_seen
+
+    def attend(self, layer_idx: int, q, k, v):
+        B, H, T, D = q.shape
+        if (H, D) != (self.config.n_head, self.config.n_embd // self.config.n_head):
+            raise ValueError(
+                f"q has {H} heads of dim {D}; this cache was built for a config with "
+                f"{self.config.n_head} heads of dim {self.config.n_embd // self.config.n_head}"
+            )
+        if k.shape != q.shape or v.shape != q.shape:
+            raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        if self.layers is None:
+            self._start(B, q.dtype, q.device)
+        if not 0 <= layer_idx < self.config.n_layer:
+            raise ValueError(f"layer_idx must be in [0, {self.config.n_layer}), got {layer_idx}")
+        if B != self.batch_size:
+            raise ValueError(f"batch size {B} differs from this cache's batch size {self.batch_size}; "
+                             "use a fresh cache (or cache.reset()) for another batch")
+        if q.dtype != self.dtype:
+            raise TypeError(f"dtype {q.dtype} differs from this cache's dtype {self.dtype}")
+        if q.device != self.device:
+            raise ValueError(f"device {q.device} differs from this cache's device {self.device}")
+        layer = self.layers[layer_idx]
+        q_pos = torch.arange(layer.n_seen, layer.n_seen + T, device=q.device)  # (T,)
+        out = self.method.attend(self, layer, q, k, v, q_pos)
+        layer.n_seen += T
+        return out
+
+    def attention(self, q, layer: Ragged, q_pos):
+        """Attention of q over everything `layer` holds; returns out and fp32 probs (B, H, T, Lmax).
+        Every method goes through this one function, so exactness tests compare like with like."""
+        valid = None if layer.uniform else layer.valid_mask()
+        k, v = layer.padded("k"), layer.padded("v")
+        k_pos = layer.padded("pos", fill=-1)  # (B, H, Lmax)
+        return reference_attention(q, k, v, q_pos, k_pos, valid)
+
+    def _start(self, batch, dtype, device):
+        self.batch_size, self.dtype, self.device = batch, dtype, device
+        c = self.config
+        self.layers = []
+        for i in range(c.n_layer):
+            layer = Ragged(batch, c.n_head, device)
+            layer.index, layer.n_seen = i, 0
+            layer.add_field("k", "keys", (c.n_embd // c.n_head,), dtype)
+            layer.add_field("v", "values", (c.n_embd // c.n_head,), dtype)
+            layer.add_field("pos", "positions", (), torch.int32)
+            self.method.init_layer(layer, i)
+            self.layers.append(layer)
+
+    # ------------------------------------------------------------------ introspection
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes actually allocated, by kind: keys, values, positions (and lengths), quant_meta
+        (scales and zeros), method_state (scores, histories), padding. Sums to memory_bytes()."""
+        total = dict.fromkeys(KINDS, 0)
+        for layer in self.layers or []:
+            for kind, n in layer.nbytes().items():
+                total[kind] += n
+        for kind, n in self.method.state_nbytes().items():
+            total[kind] += n
+        return total
+
+    def memory_bytes(self) -> int:
+        """Total bytes the cache holds (every tensor it allocated, all kinds)."""
+        return sum(self.memory_breakdown().values())
+
+    def lengths(self, layer_idx: int) -> torch.Tensor:
+        """(B, H) number of tokens each head of the layer keeps."""
+        self._check_started()
+        return self.layers[layer_idx].lengths.clone()
+
+    def kept_positions(self, layer_idx: int, batch: int = 0, head: int = 0) -> torch.Tensor:
+        """Original positions of the tokens kept by one (layer, batch row, head), in storage order."""
+        self._check_started()
+        layer = self.layers[layer_idx]
+        pos = layer.padded("pos", fill=-1)[batch, head]
+        return pos[: int(layer.lengths[batch, head])].long().clone()
+
+    def _check_started(self):
+        if self.layers is None:
+            raise RuntimeError("the cache is empty: run the model on a prompt with cache=... first")
+
+    # ------------------------------------------------------------------ life cycle
+    def clone(self) -> "KVCache":
+        """An independent copy: compress a context once, then ask it many questions."""
+        return copy.deepcopy(self)
+
+    def reset(self):
+        """Forget everything: the cache becomes as new (same config, method and backend)."""
+        self.layers = None
+        self.method.reset()
+
+    def __repr__(self):
+        held = "empty" if self.layers is None else f"{self.seq_len} seen, {self.memory_bytes()} bytes"
+        return f"KVCache(method={self.method!r}, backend={self.backend!r}, {held})"

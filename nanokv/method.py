@@ -1,0 +1,138 @@
+"""
+The two base classes every compression method builds on.
+
+`Method`: the cache calls `method.attend(cache, layer, q, k, v, q_pos)` for every layer of
+every forward call. The default does what almost every method needs:
+
+    1. layer.append(k=k, v=v, pos=q_pos)           store the new tokens (the cache briefly
+                                                   holds budget + T entries)
+    2. out, probs = cache.attention(q, layer, q_pos) one shared reference attention
+    3. self.observe(layer, probs, q)               update per-token scores (hook)
+    4. self.compress(layer)                        shrink back to the budget (hook)
+
+so after every call a head keeps at most `budget` tokens. A method overrides only the hooks
+it needs; methods with a different flow (token-by-token prefill, quantized segments, query
+rescaling) override `attend` itself.
+
+`ScoredEviction`: a method that only defines `score(layer)` (higher = more worth keeping)
+gets the rest from here: protected first tokens (`n_sink`) and recent tokens (`window`),
+top-k of the remaining budget, and stable tie-breaking (equal scores keep the more recent
+token). A complete method can then be a few lines (see nanokv/methods/knorm.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ragged import KINDS, Ragged
+
+
+def _check_int(name, value, low, high=None, allow_none=False):
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low or (high is not None and value > high):
+        hi = "" if high is None else f", {high}"
+        rng = f"[{low}{hi}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {rng}, got {value}")
+
+
+class Method:
+    """Keeps everything (the full cache). Base class of every method."""
+
+    name = "full"
+    compresses_at = "never"  # "prefill", "decode", "prefill+decode" (shown in the README table)
+    takes_budget = True  # every method but the full cache is built as cls(budget=b, ...)
+
+    def __init__(self, budget: int | None = None):
+        _check_int("budget", budget, 1, allow_none=True)
+        self.budget = budget
+
+    # ------------------------------------------------------------------ hooks
+    def check_config(self, config):
+        """Reject parameters that cannot work with this model (called by KVCache)."""
+        if self.budget is not None and self.budget > config.block_size:
+            # not an error for correctness, but almost always a mistake in an experiment
+            pass
+
+    def init_layer(self, layer: Ragged, layer_idx: int):
+        """Declare per-token fields (layer.add_field) this method keeps."""
+
+    def attend(self, cache, layer: Ragged, q, k, v, q_pos):
+        B, H, T, _ = q.shape
+        pos = q_pos.to(torch.int32).expand(B, H, T)
+        layer.append(k=k, v=v, pos=pos)
+        out, probs = cache.attention(q, layer, q_pos)
+        self.observe(layer, probs, q)
+        self.compress(layer)
+        return out
+
+    def observe(self, layer: Ragged, probs: torch.Tensor, q: torch.Tensor):
+        """probs (B, H, T, Lmax) fp32: attention of the T new queries over every stored entry."""
+
+    def compress(self, layer: Ragged):
+        """Bring every head of the layer back within its budget."""
+
+    def state_nbytes(self) -> dict[str, int]:
+        """Bytes of method state held outside the per-token fields (per kind)."""
+        return dict.fromkeys(KINDS, 0)
+
+    def reset(self):
+        """Forget any state held outside the layers (the layers themselves are dropped by the cache)."""
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+class ScoredEviction(Method):
+    """Evict the lowest-scoring tokens, protecting `n_sink` first and `window` most recent ones.
+
+    Kept set per head, when it holds more than `budget` tokens:
+        protected = the n_sink oldest entries and the window newest entries
+        kept      = protected + the (budget - |protected|) best remaining entries by score,
+                    ties broken by position (the more recent entry wins)
+    Subclasses implement score(layer) -> (B, H, Lmax) float, higher = keep.
+    """
+
+    name = "scored"
+    compresses_at = "prefill+decode"
+
+    def __init__(self, budget: int, n_sink: int = 0, window: int = 0):
+        _check_int("budget", budget, 1)
+        _check_int("n_sink", n_sink, 0)
+        _check_int("window", window, 0)
+        if n_sink + window > budget:
+            raise ValueError(
+                f"n_sink + window ({n_sink} + {window}) must be <= budget ({budget}): "
+                "the protected tokens must fit in the budget"
+            )
+        super().__init__(budget)
+        self.n_sink, self.window = n_sink, window
+
+    def score(self, layer: Ragged) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compress(self, layer: Ragged):
+        if layer.max_len <= self.budget:
+            return
+        layer.keep(self.keep_mask(layer, self.score(layer), self.budget))
+
+    def keep_mask(self, layer: Ragged, score: torch.Tensor, budget) -> torch.Tensor:
+        """(B, H, Lmax) bool: protected entries plus the top-scoring rest, `budget` per head
+        (an int, or a (B, H) tensor of per-head budgets)."""
+        B, H, L = score.shape
+        slot = torch.arange(L, device=score.device).expand(B, H, L)
+        n = layer.lengths[:, :, None]  # (B, H, 1) entries per head
+        protected = (slot < self.n_sink) | ((slot >= n - self.window) & (slot < n))
+        s = score.float().masked_fill(protected, float("inf"))
+        s = s.masked_fill(slot >= n, float("-inf"))  # padding is never kept
+        # stable tie-break: flip so that, among equal scores, the later slot comes first
+        order = torch.sort(s.flip(-1), dim=-1, descending=True, stable=True).indices
+        order = L - 1 - order  # (B, H, L) slots from best to worst
+        budget = torch.as_tensor(budget, device=score.device).expand(B, H)
+        rank_ok = torch.arange(L, device=score.device)[None, None, :] < budget[:, :, None]
+        keep = torch.zeros(B, H, L, dtype=torch.bool, device=score.device)
+        keep.scatter_(-1, order, rank_ok)
+        return keep & (slot < n)

@@ -1,0 +1,56 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED_GPT2 = os.path.join(ROOT, "..", "shared", "data", "gpt2")
+
+from gpt import GPT, GPTConfig  # noqa: E402
+
+
+def peaked_model(seed=0, n_layer=2, n_head=4, n_embd=64, block_size=256, qk_gain=4.0):
+    """A random model whose attention is far from uniform (enlarged query/key weights), so
+    kept-set comparisons do not hinge on near-ties."""
+    torch.manual_seed(seed)
+    m = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=256))
+    with torch.no_grad():
+        for block in m.transformer.h:
+            block.attn.c_attn.weight[: 2 * n_embd] *= qk_gain
+    return m.eval()
+
+
+@pytest.fixture
+def model():
+    return peaked_model()
+
+
+def make_method(name, budget):
+    """Build any registered method at `budget` with its defaults (the contract of METHODS)."""
+    from nanokv import METHODS
+
+    cls = METHODS[name]
+    return cls() if not cls.takes_budget else cls(budget=budget)
+
+
+def walk_tensor_bytes(obj, seen=None):
+    """Bytes of every distinct tensor storage reachable from obj (independent of memory_bytes)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        key = obj.untyped_storage().data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        return sum(walk_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple, set)):
+        return sum(walk_tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return sum(walk_tensor_bytes(v, seen) for k, v in vars(obj).items() if k != "config")
+    return 0

@@ -1,0 +1,232 @@
+"""The cache contract, for every registered method, plus the ragged storage it rests on."""
+
+import pytest
+import torch
+
+from nanokv import METHODS, KVCache, Method, ScoredEviction, register
+from nanokv.ragged import Ragged
+
+from conftest import make_method, peaked_model, walk_tensor_bytes
+
+ALL = sorted(METHODS)
+
+
+def run(model, cache, idx, n_prompt):
+    """Prefill idx[:, :n_prompt], then decode the rest one token at a time; return all logits."""
+    with torch.no_grad():
+        out = [model(idx[:, :n_prompt], cache=cache)[0]]
+        for t in range(n_prompt, idx.size(1)):
+            out.append(model(idx[:, t:t + 1], cache=cache)[0])
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_budget_that_keeps_everything_equals_full(name):
+    m = peaked_model()
+    idx = torch.randint(0, 256, (2, 72), generator=torch.Generator().manual_seed(0))
+    ref = run(m, KVCache(m.config, "full"), idx, 40)  # prefill 40, then 32 decode steps
+    cache = KVCache(m.config, make_method(name, budget=72))
+    got = run(m, cache, idx, 40)
+    assert torch.equal(got, ref), f"{name}: max diff {(got - ref).abs().max()}"
+    assert cache.kept_positions(1, 1, 3).tolist() == list(range(72))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_memory_bytes_is_what_is_held(name):
+    m = peaked_model()
+    cache = KVCache(m.config, make_method(name, budget=24))
+    run(m, cache, torch.randint(0, 256, (2, 50)), 30)
+    assert cache.memory_bytes() == walk_tensor_bytes(cache) == sum(cache.memory_breakdown().values())
+
+
+def test_full_cache_memory_exact():
+    m = peaked_model()  # 2 layers, 4 heads, head dim 16, fp32
+    cache = KVCache(m.config)
+    assert cache.memory_bytes() == 0
+    run(m, cache, torch.randint(0, 256, (3, 20)), 20)
+    per_layer_kv = 3 * 4 * 20 * 16 * 4
+    b = cache.memory_breakdown()
+    assert b["keys"] == b["values"] == 2 * per_layer_kv
+    assert b["positions"] == 2 * (3 * 4 * 20 * 4 + 3 * 4 * 8)  # int32 positions + int64 lengths
+    assert b["quant_meta"] == b["method_state"] == b["padding"] == 0
+
+
+def test_knorm_memory_shrinks_with_budget():
+    m = peaked_model()
+    idx = torch.randint(0, 256, (1, 64))
+    sizes = {}
+    for budget in (8, 16, 32):
+        cache = KVCache(m.config, "knorm", budget=budget)
+        run(m, cache, idx, 64)
+        sizes[budget] = cache.memory_bytes()
+        assert sizes[budget] == 2 * (4 * budget * (2 * 16 * 4 + 4) + 4 * 8)
+
+
+def test_scored_eviction_keeps_protected_and_top_scores():
+    m = peaked_model()
+    cache = KVCache(m.config, "knorm", budget=12, n_sink=2, window=3)
+    idx = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        m(idx[:, :30], cache=cache)
+        for t in range(30, 40):
+            m(idx[:, t:t + 1], cache=cache)
+            for layer in range(2):
+                assert (cache.lengths(layer) == 12).all()
+                for b in range(2):
+                    for h in range(4):
+                        pos = cache.kept_positions(layer, b, h).tolist()
+                        assert pos == sorted(pos)
+                        assert pos[:2] == [0, 1] and pos[-3:] == [t - 2, t - 1, t]
+
+
+def test_tie_break_prefers_recent():
+    class Flat(ScoredEviction):
+        name = "flat-test"
+
+        def score(self, layer):
+            return torch.zeros(layer.batch, layer.heads, layer.max_len)
+
+    m = peaked_model()
+    cache = KVCache(m.config, Flat(budget=5))
+    run(m, cache, torch.randint(0, 256, (1, 20)), 20)
+    assert cache.kept_positions(0, 0, 0).tolist() == [15, 16, 17, 18, 19]
+
+
+def test_clone_and_reset():
+    m = peaked_model()
+    idx = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(4))
+    cache = KVCache(m.config, "knorm", budget=16)
+    with torch.no_grad():
+        m(idx[:, :30], cache=cache)
+        twin = cache.clone()
+        a = m(idx[:, 30:], cache=cache)[0]
+        b = m(idx[:, 30:], cache=twin)[0]  # same context, same question: same answer
+    assert torch.equal(a, b)
+    assert cache.seq_len == 40 and twin.seq_len == 40
+    cache.reset()
+    assert cache.seq_len == 0 and cache.memory_bytes() == 0
+    fresh = KVCache(m.config, "knorm", budget=16)
+    with torch.no_grad():
+        assert torch.equal(m(idx, cache=cache)[0], m(idx, cache=fresh)[0])
+
+
+def test_batch_rows_independent():
+    m = peaked_model()
+    idx = torch.randint(0, 256, (3, 50), generator=torch.Generator().manual_seed(5))
+    batch = run(m, KVCache(m.config, "knorm", budget=10), idx, 30)
+    for i in range(3):
+        alone = run(m, KVCache(m.config, "knorm", budget=10), idx[i:i + 1], 30)
+        assert (batch[i:i + 1] - alone).abs().max() < 1e-5
+
+
+def test_register_and_hello_world_method():
+    @register
+    class Newest(ScoredEviction):
+        name = "newest-test"
+
+        def score(self, layer):
+            return layer.padded("pos", fill=-1).float()
+
+    try:
+        m = peaked_model()
+        cache = KVCache(m.config, "newest-test", budget=6)
+        run(m, cache, torch.randint(0, 256, (1, 20)), 15)
+        assert cache.kept_positions(1, 0, 2).tolist() == list(range(14, 20))
+        with pytest.raises(ValueError, match="already registered"):
+            register(type("Other", (ScoredEviction,), {"name": "newest-test"}))
+    finally:
+        METHODS.pop("newest-test")
+
+
+# ----------------------------------------------------------------------------- ragged storage
+def test_ragged_append_keep_roundtrip():
+    r = Ragged(2, 3, "cpu")
+    r.add_field("x", "keys", (2,), torch.float32)
+    r.add_field("s", "method_state", (), torch.float32, fill=7.0)
+    x = torch.arange(2 * 3 * 5 * 2, dtype=torch.float32).view(2, 3, 5, 2)
+    r.append(x=x)
+    assert r.uniform and torch.equal(r.padded("x"), x)
+    mask = torch.zeros(2, 3, 5, dtype=torch.bool)
+    mask[0, 0, [1, 3]] = True
+    mask[0, 1, :] = True
+    mask[1, 2, 4] = True
+    r.keep(mask)
+    assert r.lengths.tolist() == [[2, 5, 0], [0, 0, 1]] and not r.uniform
+    y = -torch.ones(2, 3, 2, 2)
+    r.append(x=y)  # ragged append: old rows then the new ones, per head
+    assert r.lengths.tolist() == [[4, 7, 2], [2, 2, 3]]
+    p = r.padded("x", fill=float("nan"))
+    assert torch.equal(p[0, 0, :4], torch.cat([x[0, 0, [1, 3]], y[0, 0]]))
+    assert torch.equal(p[1, 2, :3], torch.cat([x[1, 2, [4]], y[1, 2]]))
+    assert torch.isnan(p[1, 0, 2:]).all()
+    assert (r.padded("s")[r.valid_mask()] == 7.0).all()
+    assert r.nbytes()["keys"] == int(r.lengths.sum()) * 2 * 4
+
+
+def test_ragged_attention_matches_per_head_loop():
+    """Attention over ragged heads equals attention computed head by head on their own entries."""
+    from nanokv.cache import reference_attention
+
+    g = torch.Generator().manual_seed(0)
+    r = Ragged(1, 2, "cpu")
+    r.add_field("k", "keys", (4,), torch.float32)
+    r.add_field("v", "values", (4,), torch.float32)
+    r.add_field("pos", "positions", (), torch.int32)
+    r.append(k=torch.randn(1, 2, 6, 4, generator=g), v=torch.randn(1, 2, 6, 4, generator=g),
+             pos=torch.arange(6, dtype=torch.int32).expand(1, 2, 6))
+    mask = torch.tensor([[[1, 0, 1, 1, 0, 1], [0, 0, 0, 1, 1, 1]]], dtype=torch.bool)
+    r.keep(mask)
+    q = torch.randn(1, 2, 1, 4, generator=g)
+    out, probs = reference_attention(q, r.padded("k"), r.padded("v"), torch.tensor([6]),
+                                     r.padded("pos", fill=-1), r.valid_mask())
+    for h in range(2):
+        n = int(r.lengths[0, h])
+        k, v = r.padded("k")[0, h, :n], r.padded("v")[0, h, :n]
+        p = torch.softmax((q[0, h] @ k.T) / 2.0, -1)
+        assert torch.allclose(out[0, h], p @ v, atol=1e-6)
+        assert torch.allclose(probs[0, h, :, :n], p, atol=1e-6) and (probs[0, h, :, n:] == 0).all()
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_cache_bad_input():
+    m = peaked_model()
+    with pytest.raises(ValueError, match="unknown method 'h3o'; valid methods: .*'full'"):
+        KVCache(m.config, "h3o")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        KVCache(m.config, "full", backend="cuda")
+    with pytest.raises(TypeError, match="config must be a GPTConfig"):
+        KVCache({"n_layer": 2}, "full")
+    with pytest.raises(TypeError, match="method must be a name or a nanokv.Method"):
+        KVCache(m.config, 3)
+    with pytest.raises(TypeError, match="keyword arguments are only accepted"):
+        KVCache(m.config, Method(), budget=3)
+    cache = KVCache(m.config)
+    m(torch.zeros(2, 5, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="batch size 1 differs"):
+        m(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+    other = peaked_model(n_head=2)
+    with pytest.raises(ValueError, match="built for a config with 4 heads"):
+        other(torch.zeros(1, 3, dtype=torch.long), cache=KVCache(m.config))
+    with pytest.raises(RuntimeError, match="cache is empty"):
+        KVCache(m.config).kept_positions(0)
+    with pytest.raises(TypeError, match="dtype"):
+        m.double()(torch.zeros(2, 1, dtype=torch.long), cache=cache)
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(budget=0), ValueError, r"budget must be >= 1, got 0"),
+    (dict(budget=-4), ValueError, r"budget must be >= 1"),
+    (dict(budget=2.5), TypeError, r"budget must be an int"),
+    (dict(budget=8, window=-1), ValueError, r"window must be >= 0"),
+    (dict(budget=8, window=6, n_sink=4), ValueError, r"n_sink \+ window \(4 \+ 6\) must be <= budget \(8\)"),
+])
+def test_method_bad_parameters(kw, err, match):
+    with pytest.raises(err, match=match):
+        METHODS["knorm"](**kw)
+
+
+def test_short_prompt_is_not_compressed():
+    m = peaked_model()
+    cache = KVCache(m.config, "knorm", budget=32, window=16)
+    run(m, cache, torch.randint(0, 256, (1, 10)), 10)
+    assert cache.kept_positions(0).tolist() == list(range(10))

@@ -1,0 +1,183 @@
+"""Our GPT against Hugging Face GPT-2, cached against uncached, loading, bad input."""
+
+import os
+
+import pytest
+import torch
+
+from gpt import GPT, GPTConfig
+from nanokv import KVCache
+
+from conftest import peaked_model
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_model(tmp_path, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=300)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    return hf
+
+
+def test_hf_parity_logits_and_greedy(tmp_path):
+    hf = hf_model(tmp_path)
+    ours = GPT.from_pretrained(str(tmp_path))
+    idx = torch.randint(0, 300, (2, 50), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        got, _ = ours(idx)
+    diff = (ref - got).abs().max().item()
+    print(f"max |logits diff| vs transformers: {diff:.3g}")
+    assert diff < 1e-5
+    prompt = idx[:1, :10]
+    ref_tokens = hf.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0,
+                             attention_mask=torch.ones_like(prompt))
+    got_tokens = ours.generate(prompt, 20, temperature=0)
+    assert torch.equal(ref_tokens, got_tokens)
+
+
+def test_hf_pytorch_bin_dir(tmp_path):
+    hf = hf_model(tmp_path)
+    os.remove(tmp_path / "model.safetensors")
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    ours = GPT.from_pretrained(str(tmp_path))
+    idx = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)[0]).abs().max() < 1e-5
+
+
+def test_cached_equals_uncached():
+    m = peaked_model()
+    idx = torch.randint(0, 256, (2, 60), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full, _ = m(idx)
+        cache = KVCache(m.config, "full")
+        logits = [m(idx[:, :40], cache=cache)[0]]
+        logits.append(m(idx[:, 40:45], cache=cache)[0])  # a continuation chunk
+        for t in range(45, 60):
+            logits.append(m(idx[:, t:t + 1], cache=cache)[0])
+    diff = (torch.cat(logits, 1) - full).abs().max().item()
+    print(f"max |cached - uncached| = {diff:.3g}")
+    assert diff < 1e-5
+    assert torch.equal(torch.cat(logits, 1).argmax(-1), full.argmax(-1))
+
+
+def test_generate_with_and_without_cache_agree():
+    m = peaked_model()
+    prompt = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(3))
+    a = m.generate(prompt, 25, temperature=0)
+    b = m.generate(prompt, 25, cache=KVCache(m.config), temperature=0)
+    seq = prompt
+    with torch.no_grad():  # uncached greedy recomputation
+        for _ in range(25):
+            seq = torch.cat([seq, m(seq)[0][:, -1:].argmax(-1)], 1)
+    assert torch.equal(a, b) and torch.equal(a, seq)
+
+
+def test_sampling_is_seeded():
+    m = peaked_model()
+    p = torch.zeros(1, 5, dtype=torch.long)
+    a = m.generate(p, 10, temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(5))
+    b = m.generate(p, 10, temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_presets_and_param_count():
+    assert GPTConfig.preset("gpt2").n_embd == 768
+    m = GPT(GPTConfig.preset("gpt2"))
+    assert m.num_params(non_embedding=False) == 124_439_808  # GPT-2 small with tied embeddings
+    assert m.lm_head.weight is m.transformer.wte.weight
+
+
+def test_bias_off_and_tie():
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=256, bias=False))
+    assert m.transformer.h[0].attn.c_attn.bias is None
+    out, _ = m(torch.zeros(1, 4, dtype=torch.long))
+    assert out.shape == (1, 4, 256)
+
+
+def test_own_checkpoint_roundtrip(tmp_path):
+    m = peaked_model()
+    path = tmp_path / "m.pt"
+    m.save_checkpoint(str(path))
+    m2 = GPT.from_pretrained(str(path))
+    idx = torch.randint(0, 256, (1, 30))
+    with torch.no_grad():
+        assert torch.equal(m(idx)[0], m2(idx)[0])
+    assert m2.tokenizer_name == "byte" and m2.tokenizer.decode(m2.tokenizer.encode("hé")) == "hé"
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_sequence_past_block_size():
+    m = peaked_model(block_size=32)
+    with pytest.raises(ValueError, match="block_size"):
+        m(torch.zeros(1, 33, dtype=torch.long))
+    cache = KVCache(m.config)
+    m(torch.zeros(1, 30, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="past the model's block_size"):
+        m(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="past block_size"):
+        m.generate(torch.zeros(1, 30, dtype=torch.long), 5)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(n_layer=0), "n_layer"), (dict(n_embd=10, n_head=3), "divisible"),
+    (dict(dropout=1.5), "dropout"), (dict(block_size=-1), "block_size"),
+])
+def test_bad_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        GPTConfig(**kw)
+
+
+def test_unknown_names():
+    with pytest.raises(ValueError, match="unknown model 'gpt5'.*gpt2-medium"):
+        GPT.from_pretrained("gpt5")
+    with pytest.raises(ValueError, match="unknown preset"):
+        GPTConfig.preset("huge")
+
+
+def test_corrupt_and_mismatched_checkpoints(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        GPT.from_pretrained(str(bad))
+    other = tmp_path / "other.pt"
+    torch.save({"hello": 1}, other)
+    with pytest.raises(ValueError, match="not a nanokv checkpoint"):
+        GPT.from_pretrained(str(other))
+    m = peaked_model()
+    ck = tmp_path / "m.pt"
+    m.save_checkpoint(str(ck))
+    ckpt = torch.load(ck, weights_only=True)
+    del ckpt["model"]["transformer.ln_f.weight"]
+    ckpt["model"]["transformer.extra"] = torch.zeros(1)
+    ckpt["model"]["transformer.wpe.weight"] = torch.zeros(3, 3)
+    torch.save(ckpt, ck)
+    with pytest.raises(ValueError) as e:
+        GPT.from_pretrained(str(ck))
+    msg = str(e.value)
+    assert "missing tensors: ['transformer.ln_f.weight']" in msg
+    assert "unexpected tensors: ['transformer.extra']" in msg
+    assert "transformer.wpe.weight: expected (256, 64), got (3, 3)" in msg
+
+
+def test_hf_dir_without_weights(tmp_path):
+    hf_model(tmp_path)
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="no model.safetensors or pytorch_model.bin"):
+        GPT.from_pretrained(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot read the weights"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_bad_idx():
+    m = peaked_model()
+    with pytest.raises(TypeError, match="idx"):
+        m(torch.zeros(4))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        m.generate(torch.zeros(1, 2, dtype=torch.long), -1)
+    with pytest.raises(ValueError, match="temperature"):
+        m.generate(torch.zeros(1, 2, dtype=torch.long), 1, temperature=-1)

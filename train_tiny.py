@@ -1,0 +1,233 @@
+"""
+Train a tiny GPT on a CPU, with no download, that can read text and retrieve a fact from
+far back in its context (the skill KV-cache compression can destroy).
+
+    python train_tiny.py                          # tiny byte-level model on Python's own docs
+    python train_tiny.py --data input.txt         # any text file instead
+    python train_tiny.py --resume out/tiny.pt     # continue a run
+
+Each batch mixes natural text with synthetic retrieval episodes (nanokv/episodes.py):
+passkey (needle in a haystack) and line retrieval. The loss weights the answer tokens
+`--answer-weight` times the others. Batch lengths are drawn from `--curriculum` (short
+sequences make the copy mechanism form sooner). The learning rate warms up linearly, then
+follows a cosine down to `--min-lr-frac` of its peak.
+
+The checkpoint at --out holds config, tokenizer, weights, optimizer, RNG states and the
+training arguments (so --resume continues exactly); --export writes a compact fp16 copy
+(no optimizer) loadable with GPT.from_pretrained(path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from gpt import GPT, GPTConfig
+from nanokv.corpus import builtin_text, corpus_info, file_text
+from nanokv.episodes import exact_match, make_episode, words_from
+from nanokv.tokenizer import get_tokenizer
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", help="model size preset from gpt.PRESETS [tiny]")
+    p.add_argument("--n-layer", type=int), p.add_argument("--n-head", type=int)
+    p.add_argument("--n-embd", type=int)
+    p.add_argument("--block-size", type=int, default=512, help="context length [512]")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--min-lr-frac", type=float, default=0.05, help="final lr as a fraction of --lr")
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--data", help="train on this text file instead of the built-in corpus")
+    p.add_argument("--tokenizer", default="byte", choices=["byte", "gpt2"])
+    p.add_argument("--gpt2-dir", help="offline GPT-2 tokenizer files (else $NANOKV_GPT2_DIR or download)")
+    p.add_argument("--episode-ratio", type=float, default=0.5, help="fraction of rows that are episodes")
+    p.add_argument("--lines-share", type=float, default=0.5, help="fraction of episodes that are line retrieval")
+    p.add_argument("--answer-weight", type=float, default=10.0)
+    p.add_argument("--curriculum", default="128,256,512,512", help="batch lengths drawn uniformly")
+    p.add_argument("--eval-interval", type=int, default=500)
+    p.add_argument("--eval-episodes", type=int, default=40)
+    p.add_argument("--out", default="out/tiny.pt", help="training checkpoint (with optimizer)")
+    p.add_argument("--export", help="also write an fp16 checkpoint without optimizer here at the end")
+    p.add_argument("--resume", help="continue from this training checkpoint")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    for name in ("episode_ratio", "lines_share"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.steps < 1 or args.batch_size < 1:
+        raise ValueError("--steps and --batch-size must be >= 1")
+    if not 0.0 <= args.min_lr_frac <= 1.0:
+        raise ValueError(f"--min-lr-frac must be in [0, 1], got {args.min_lr_frac}")
+    lengths = [int(x) for x in args.curriculum.split(",")]
+    if any(n < 48 or n > args.block_size for n in lengths):
+        raise ValueError(f"--curriculum lengths must be in [48, --block-size={args.block_size}], got {lengths}")
+
+
+class Data:
+    """Token streams for train and validation, plus the episode ingredients."""
+
+    def __init__(self, args):
+        self.tok = get_tokenizer(args.tokenizer, args.gpt2_dir)
+        if args.data:
+            train, val = file_text(args.data, "train"), file_text(args.data, "val")
+        else:
+            train, val = builtin_text("train"), builtin_text("val")
+        self.train, self.val = self.tok.encode(train), self.tok.encode(val)
+        self.n_val_bytes = len(val.encode("utf-8"))
+        self.words = {"train": words_from(train), "val": words_from(val)}
+        if len(self.train) < 2 * args.block_size or len(self.val) < args.block_size + 1:
+            raise ValueError("the text is too short for --block-size; use a longer file")
+
+    def batch(self, rng: random.Random, args, T: int):
+        """x, y (B, T) and per-target weights (B, T)."""
+        xs, ws = [], []
+        for _ in range(args.batch_size):
+            w = [1.0] * T
+            if rng.random() < args.episode_ratio:
+                kind = "lines" if rng.random() < args.lines_share else "passkey"
+                ep = make_episode(kind, rng, self.tok, self.train, self.words["train"], T + 1)
+                seq = ep.prompt + ep.answer
+                for i in range(len(ep.answer)):  # the targets that are answer tokens
+                    w[T - 1 - i] = args.answer_weight
+            else:
+                start = rng.randrange(0, len(self.train) - T - 1)
+                seq = self.train[start:start + T + 1]
+            xs.append(seq)
+            ws.append(w)
+        t = torch.tensor(xs, dtype=torch.long)
+        return t[:, :-1], t[:, 1:], torch.tensor(ws)
+
+
+def lr_at(step, args):
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    frac = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+@torch.no_grad()
+def val_bits_per_byte(model, data, args, max_tokens=65536):
+    """Validation loss in bits per byte over the first max_tokens tokens of the val split."""
+    model.eval()
+    T = args.block_size
+    total_nats, n_tok = 0.0, 0
+    ids = torch.tensor(data.val[: max_tokens + 1], dtype=torch.long)
+    for s in range(0, len(ids) - T - 1, T):
+        x, y = ids[s:s + T][None].to(args.device), ids[s + 1:s + T + 1][None].to(args.device)
+        _, loss = model(x, y)
+        total_nats += loss.item() * T
+        n_tok += T
+    model.train()
+    byte_per_tok = data.n_val_bytes / len(data.val)
+    return total_nats / n_tok / math.log(2) / byte_per_tok
+
+
+@torch.no_grad()
+def retrieval_accuracy(model, data, n, length, seed=0):
+    model.eval()
+    out = {}
+    for kind in ("passkey", "lines"):
+        rng = random.Random(seed)
+        eps = [make_episode(kind, rng, data.tok, data.val, data.words["val"], length) for _ in range(n)]
+        out[kind] = exact_match(model, eps)
+    model.train()
+    return out
+
+
+def configure_optimizer(model, args):
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+
+
+def save(path, model, opt, step, rng, args, log):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    model.save_checkpoint(path, optimizer=opt.state_dict(), step=step, rng_state=list(rng.getstate()[1]),
+                          rng_version=rng.getstate()[0], torch_rng=torch.get_rng_state(),
+                          train_args=vars(args), log=log, corpus=None if args.data else corpus_info())
+
+
+def train(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    data = Data(args)
+    step, log = 0, []
+    if args.resume:
+        model = GPT.from_pretrained(args.resume)
+        ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
+        if "optimizer" not in ckpt:
+            raise ValueError(f"{args.resume!r} has no optimizer state (an exported checkpoint?); cannot resume")
+        step, log = ckpt["step"], ckpt.get("log", [])
+        rng.setstate((ckpt["rng_version"], tuple(ckpt["rng_state"]), None))
+        torch.set_rng_state(ckpt["torch_rng"])
+    else:
+        overrides = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)}
+        config = GPTConfig.preset(args.preset, block_size=args.block_size,
+                                  vocab_size=256 if args.tokenizer == "byte" else 50257, **overrides)
+        model = GPT(config, tokenizer=args.tokenizer)
+    if args.block_size > model.config.block_size:
+        raise ValueError(f"--block-size {args.block_size} is larger than the model's block_size "
+                         f"{model.config.block_size}")
+    model.to(args.device).train()
+    opt = configure_optimizer(model, args)
+    if args.resume:
+        opt.load_state_dict(ckpt["optimizer"])
+    lengths = [int(x) for x in args.curriculum.split(",")]
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}", file=sys.stderr)
+    t0 = time.time()
+    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="train")
+    for step in bar:
+        T = rng.choice(lengths)
+        x, y, w = (t.to(args.device) for t in data.batch(rng, args, T))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args)
+        logits, _ = model(x)
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+        loss = (ce * w.flatten()).sum() / w.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", T=T)
+        last = step + 1 == args.steps
+        if args.eval_interval and ((step + 1) % args.eval_interval == 0 or last):
+            bpb = val_bits_per_byte(model, data, args)
+            acc = retrieval_accuracy(model, data, args.eval_episodes, args.block_size)
+            entry = {"step": step + 1, "val_bpb": round(bpb, 4), **acc, "minutes": round((time.time() - t0) / 60, 2)}
+            log.append(entry)
+            tqdm.write(str(entry))
+            save(args.out, model, opt, step + 1, rng, args, log)
+    if not args.eval_interval:
+        save(args.out, model, opt, args.steps, rng, args, log)
+    if args.export:
+        model.save_checkpoint(args.export, half=True, train_args=vars(args), log=log,
+                              corpus=None if args.data else corpus_info())
+    return model, log
+
+
+if __name__ == "__main__":
+    try:
+        train(get_args())
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"train_tiny.py: error: {e}")
