@@ -28,6 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 HF_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# the tiny byte-level checkpoint that ships with nanokv (trained by train_tiny.py; see README)
+TINY_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nanokv", "assets", "tiny.pt")
 
 
 @dataclass
@@ -262,6 +264,7 @@ class GPT(nn.Module):
         """Load GPT-2 weights.
 
         name_or_path is one of:
+          - "nanokv-tiny": the tiny byte-level checkpoint committed in nanokv/assets/tiny.pt;
           - a Hugging Face name: gpt2, gpt2-medium, gpt2-large, gpt2-xl (needs transformers and internet);
           - a local directory saved by transformers' save_pretrained (config.json plus
             model.safetensors or pytorch_model.bin); works offline, transformers not needed;
@@ -270,6 +273,8 @@ class GPT(nn.Module):
         if not isinstance(name_or_path, (str, os.PathLike)):
             raise TypeError(f"name_or_path must be a str or path, got {type(name_or_path).__name__}")
         path = os.fspath(name_or_path)
+        if path == "nanokv-tiny":
+            path = TINY_CHECKPOINT
         if os.path.isdir(path):
             config, state = _read_hf_dir(path)
             model = cls(config, tokenizer="gpt2" if config.vocab_size == 50257 else "byte")

@@ -7,11 +7,21 @@
 
 from .cache import KVCache, reference_attention
 from .method import Method, ScoredEviction
+from .methods.adakv import AdaKV
 from .methods.full import FullCache
+from .methods.h2o import H2O
 from .methods.knorm import KeyNorm
+from .methods.pyramidkv import PyramidKV
+from .methods.scissorhands import Scissorhands
+from .methods.snapkv import SnapKV
+from .methods.streamingllm import StreamingLLM
+from .methods.tova import TOVA
 
-# name -> method class. Later methods register here too (see "Add a method" in ARCHITECTURE.md).
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FullCache, KeyNorm)}
+# name -> method class. Add yours here (see "Add a method" in ARCHITECTURE.md) or use register().
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls
+    for cls in (FullCache, StreamingLLM, H2O, TOVA, Scissorhands, SnapKV, PyramidKV, AdaKV, KeyNorm)
+}
 
 
 def register(cls: type[Method]) -> type[Method]:

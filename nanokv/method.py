@@ -49,6 +49,12 @@ class Method:
         _check_int("budget", budget, 1, allow_none=True)
         self.budget = budget
 
+    @classmethod
+    def scaled(cls, budget: int | None, **kwargs) -> "Method":
+        """This method at `budget`, its windows and sinks scaled down when their paper defaults
+        do not fit (the evaluation and the test matrix build every method this way)."""
+        return cls(**kwargs) if not cls.takes_budget else cls(budget=budget, **kwargs)
+
     # ------------------------------------------------------------------ hooks
     def check_config(self, config):
         """Reject parameters that cannot work with this model (called by KVCache)."""
@@ -60,13 +66,17 @@ class Method:
         """Declare per-token fields (layer.add_field) this method keeps."""
 
     def attend(self, cache, layer: Ragged, q, k, v, q_pos):
-        B, H, T, _ = q.shape
-        pos = q_pos.to(torch.int32).expand(B, H, T)
-        layer.append(k=k, v=v, pos=pos)
+        self.append(layer, k, v, q_pos)
         out, probs = cache.attention(q, layer, q_pos)
         self.observe(layer, probs, q)
         self.compress(layer)
         return out
+
+    @staticmethod
+    def append(layer: Ragged, k, v, q_pos):
+        """Store the new tokens' keys, values and positions (k, v: (B, H, T, D); q_pos: (T,))."""
+        B, H, T, _ = k.shape
+        layer.append(k=k, v=v, pos=q_pos.to(torch.int32).expand(B, H, T))
 
     def observe(self, layer: Ragged, probs: torch.Tensor, q: torch.Tensor):
         """probs (B, H, T, Lmax) fp32: attention of the T new queries over every stored entry."""

@@ -89,6 +89,12 @@ class Ragged:
         out[self.valid_mask()] = t
         return out
 
+    def set_padded(self, name: str, value: torch.Tensor):
+        """Write field `name` from a padded (B, H, Lmax, *trailing) tensor (padding ignored)."""
+        t = self.fields[name]
+        value = value.to(t.dtype)
+        self.fields[name] = value.reshape(t.shape) if self.uniform else value[self.valid_mask()]
+
     # ------------------------------------------------------------------ growing and shrinking
     def append(self, **new: torch.Tensor):
         """Append T entries to every head. Each given tensor is (B, H, T, *trailing);

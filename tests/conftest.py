@@ -32,7 +32,7 @@ def make_method(name, budget):
     from nanokv import METHODS
 
     cls = METHODS[name]
-    return cls() if not cls.takes_budget else cls(budget=budget)
+    return cls.scaled(budget)
 
 
 def walk_tensor_bytes(obj, seen=None):

@@ -1,0 +1,58 @@
+"""
+Ada-KV (Feng et al. 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget
+Allocation for Efficient LLM Inference", arXiv 2407.11550), over SnapKV's scores.
+
+Rule: a layer's budget is shared by its heads. Instead of the top b tokens of every head,
+take the top H * b' entries of all heads' SnapKV scores together (b' = budget - window), so a
+head whose attention is concentrated keeps few tokens and a diffuse head keeps many. A
+safeguard gives each head at least floor(alpha * b') of its own best tokens [alpha 0.2].
+    guaranteed_h = head h's top floor(alpha * b') tokens
+    rest         = the global top (H * b' - H * floor(alpha * b')) of all other entries of the layer
+    head h keeps   guaranteed_h + its entries in rest + the window
+So the head budgets sum to exactly H * budget per layer (per batch row) and each is at least
+floor(alpha * b') + window. Global ties go to the more recent token, then the lower head.
+
+Choices: the official code counts each head's share of the global top-k and rescales it as
+n_h * (1 - alpha) + alpha * b', which sums to H * b' only up to rounding; we take kvpress's
+reading (force each head's top alpha * b', fill the rest globally), which is exact.
+Storage: the heads really hold different numbers of tokens (nanokv/ragged.py: flat per-head
+entries, no padding allocated).
+"""
+
+import math
+
+import torch
+
+from .snapkv import SnapKV
+
+
+class AdaKV(SnapKV):
+    name = "adakv"
+
+    def __init__(self, budget: int, window: int = 32, kernel: int = 7, pool: str = "max", alpha: float = 0.2):
+        super().__init__(budget, window=window, kernel=kernel, pool=pool)
+        if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+            raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+        self.alpha = float(alpha)
+
+    def select(self, layer, score):
+        B, H, L = score.shape
+        w, past = self.window, self.budget - self.window
+        P = L - w  # prompt tokens before the window
+        floor = math.floor(self.alpha * past)
+        s = score[:, :, :P].float()  # (B, H, P)
+        # each head's own top `floor` (ties: the later position first)
+        order = P - 1 - torch.sort(s.flip(-1), dim=-1, descending=True, stable=True).indices
+        guaranteed = torch.zeros_like(s, dtype=torch.bool)
+        guaranteed.scatter_(-1, order[:, :, :floor], True)
+        # the rest of the layer's budget goes to the best remaining entries of all heads;
+        # flatten position-major, newest first, heads in order, so a stable sort breaks ties
+        # by (later position, lower head)
+        rest = s.masked_fill(guaranteed, float("-inf")).flip(-1).transpose(1, 2).reshape(B, P * H)
+        top = torch.sort(rest, dim=-1, descending=True, stable=True).indices[:, : H * (past - floor)]
+        picked = torch.zeros(B, P * H, dtype=torch.bool, device=s.device)
+        picked.scatter_(-1, top, True)
+        picked = picked.view(B, P, H).transpose(1, 2).flip(-1)  # back to (B, H, P)
+        keep = torch.ones(B, H, L, dtype=torch.bool, device=s.device)  # the window is kept
+        keep[:, :, :P] = guaranteed | picked
+        return keep

@@ -1,0 +1,90 @@
+"""
+Scissorhands (Liu et al. 2023, "Scissorhands: Exploiting the Persistence of Importance
+Hypothesis for LLM KV Cache Compression at Test Time", arXiv 2305.17118).
+
+Rule ("persistence of importance"): a token that was unimportant for many recent steps will
+stay unimportant. At every step t each cached token j records whether its attention was low,
+    low_t[j] = a_t[j] < threshold,      threshold = 1/t [default] or 1/n (n = tokens cached)
+and counts the low steps among the last `history` steps [400]:
+    count[j] = sum over the last `history` steps s of low_s[j]
+When the cache exceeds the budget B, the `drop` tokens with the largest counts are evicted
+[drop = B/2], never the `recent` newest ones [10]. The cache then refills to B + 1 and drops again.
+
+Every input token is processed as if it were generated: a prompt that fits the budget is one
+parallel pass (then each of its queries is recorded as a step), a prompt that does not is
+read token by token, evicting as it goes, so its later tokens attend to a compressed cache.
+Ties in count go to the more recent token. The history is stored compactly: one bit per step,
+ceil(history / 8) bytes per cached token, reported as method state.
+"""
+
+import math
+
+import torch
+
+from ..method import ScoredEviction, _check_int
+
+POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
+
+
+class Scissorhands(ScoredEviction):
+    name = "scissorhands"
+
+    def __init__(self, budget: int, history: int = 400, drop: int | None = None, recent: int = 10,
+                 threshold: str = "1/t"):
+        _check_int("budget", budget, 1)
+        drop = max(1, budget // 2) if drop is None else drop
+        super().__init__(budget, window=recent)
+        _check_int("history", history, 1)
+        _check_int("drop", drop, 1, budget + 1 - recent)
+        if threshold not in ("1/t", "1/n"):
+            raise ValueError(f"threshold must be '1/t' or '1/n', got {threshold!r}")
+        self.history, self.drop, self.recent, self.threshold = history, drop, recent, threshold
+
+    @classmethod
+    def scaled(cls, budget, **kwargs):
+        kwargs.setdefault("recent", min(10, budget // 4))
+        return cls(budget=budget, **kwargs)
+
+    def init_layer(self, layer, layer_idx):
+        layer.add_field("hist", "method_state", (math.ceil(self.history / 8),), torch.uint8)
+
+    def attend(self, cache, layer, q, k, v, q_pos):
+        T = q.size(2)
+        if layer.max_len + T <= self.budget:  # nothing to evict in this call: one parallel pass
+            self.append(layer, k, v, q_pos)
+            out, probs = cache.attention(q, layer, q_pos)  # (B, H, T, L)
+            for i in range(T):
+                self.record(layer, probs[:, :, i], int(q_pos[i]))
+            return out
+        outs = []
+        for i in range(T):  # token by token, as if every token were generated
+            self.append(layer, k[:, :, i:i + 1], v[:, :, i:i + 1], q_pos[i:i + 1])
+            out, probs = cache.attention(q[:, :, i:i + 1], layer, q_pos[i:i + 1])
+            self.record(layer, probs[:, :, 0], int(q_pos[i]))
+            if layer.max_len > self.budget:
+                counts = self.counts(layer)
+                layer.keep(self.keep_mask(layer, -counts.float(), layer.max_len - self.drop))
+            outs.append(out)
+        return torch.cat(outs, dim=2)
+
+    def record(self, layer, p, step: int):
+        """Set this step's bit: p (B, H, L) attention of the query at position `step`."""
+        pos = layer.padded("pos", fill=-1)  # (B, H, L)
+        present = (pos >= 0) & (pos <= step)
+        if self.threshold == "1/t":
+            thr = 1.0 / (step + 1)
+        else:
+            thr = 1.0 / present.sum(dim=-1, keepdim=True).clamp(min=1)
+        low = (p < thr) & present
+        byte, bit = divmod(step % self.history, 8)
+        hist = layer.padded("hist")  # (B, H, L, nbytes)
+        old = hist[..., byte]
+        new = (old & (0xFF - (1 << bit))) | (low.to(torch.uint8) << bit)
+        hist = hist.clone()
+        hist[..., byte] = new
+        layer.set_padded("hist", hist)
+
+    def counts(self, layer):
+        """(B, H, L) number of low-attention steps among the last `history`."""
+        hist = layer.padded("hist").long()
+        return POPCOUNT.to(hist.device)[hist].sum(dim=-1)

@@ -1,0 +1,299 @@
+"""Eviction methods: kept sets against an independent per-head simulation, budgets,
+protected tokens, memory, bad input.
+
+The simulation captures the q and k every layer hands the cache during the real run, then
+replays each policy per (layer, batch row, head) with plain Python lists of positions and
+explicitly computed attention rows; it shares no code with nanokv/methods/."""
+
+import math
+
+import pytest
+import torch
+
+from nanokv import METHODS, KVCache
+from nanokv.methods.pyramidkv import pyramid_budgets
+
+from conftest import peaked_model
+
+N_PROMPT, N_DECODE, BATCH = 40, 16, 2
+
+
+def run_capturing(model, cache, idx):
+    """Run prefill + decode; return per-layer lists of (q, k) per call, each (B, H, T, D), and
+    the kept positions of every (layer, b, h) after every call."""
+    calls = {i: [] for i in range(model.config.n_layer)}
+    orig = cache.attend
+
+    def attend(layer_idx, q, k, v):
+        calls[layer_idx].append((q.clone(), k.clone()))
+        return orig(layer_idx, q, k, v)
+
+    cache.attend = attend
+    kept = []
+    with torch.no_grad():
+        chunks = [idx[:, :N_PROMPT]] + [idx[:, t:t + 1] for t in range(N_PROMPT, idx.size(1))]
+        for chunk in chunks:
+            model(chunk, cache=cache)
+            kept.append({(l, b, h): cache.kept_positions(l, b, h).tolist()
+                         for l in range(model.config.n_layer) for b in range(BATCH)
+                         for h in range(model.config.n_head)})
+    return calls, kept
+
+
+def rows(q, k, kept, qpos):
+    """Attention rows of queries (positions qpos) over the kept positions, causal."""
+    d = q.size(-1)
+    out = []
+    for qi, p in zip(q, qpos):
+        vis = [j for j in kept if j <= p]
+        s = torch.stack([qi @ k[j] for j in vis]).double() / math.sqrt(d)
+        a = torch.softmax(s, 0)
+        out.append({j: float(x) for j, x in zip(vis, a)})
+    return out
+
+
+def top(cands, score, n):
+    """The n best candidates by (score, then later position)."""
+    return sorted(cands, key=lambda j: (-score[j], -j))[:n]
+
+
+def simulate(name, params, calls, layer, b, h, n_layer):
+    """Kept positions of one head after every call, per the method's rule as the paper states it."""
+    qs = [c[0][b, h] for c in calls[layer]]
+    ks = torch.cat([c[1][b, h] for c in calls[layer]], 0)  # (total, D), row = position
+    kept, acc, low, out, pos = [], {}, {}, [], 0
+    budget = params["budget"]
+    for call, q in enumerate(qs):
+        T = q.size(0)
+        new = list(range(pos, pos + T))
+        if name == "scissorhands":
+            for t in new:  # every token as if generated
+                kept.append(t)
+                (row,) = rows(q[t - pos:t - pos + 1], ks, kept, [t])
+                for j, a in row.items():
+                    if a < 1.0 / (t + 1):
+                        low.setdefault(j, []).append(t)
+                if len(kept) > budget:
+                    cnt = {j: sum(1 for s in low.get(j, []) if s > t - params["history"]) for j in kept}
+                    cands = kept[: len(kept) - params["recent"]]
+                    # the `drop` largest counts; among equal counts the older token goes first
+                    drop = set(sorted(cands, key=lambda j: (-cnt[j], j))[: params["drop"]])
+                    kept = [j for j in kept if j not in drop]
+        else:
+            kept = kept + new
+            r = rows(q, ks, kept, new)
+            if name == "h2o":
+                for row in r:
+                    for j, a in row.items():
+                        acc[j] = acc.get(j, 0.0) + a
+                if len(kept) > budget:
+                    recent = kept[-params["recent"]:]
+                    heavy = top([j for j in kept if j not in recent], acc, budget - len(recent))
+                    kept = sorted(heavy + recent)
+            elif name == "tova" and len(kept) > budget:
+                mean = {j: sum(rows(calls[layer][call][0][b, hh][-1:], torch.cat(
+                    [c[1][b, hh] for c in calls[layer]], 0), kept, [new[-1]])[0][j]
+                    for hh in range(params["H"])) / params["H"] for j in kept}
+                kept = sorted(top(kept, mean, budget))
+            elif name in ("snapkv", "pyramidkv", "adakv") and call == 0 and len(kept) > budget:
+                kept = params["select"](r, kept, layer)
+        pos += T
+        out.append(list(kept))
+    return out
+
+
+def snap_scores(r, kept, w, kernel=7):
+    P = len(kept) - w
+    s = [sum(row.get(j, 0.0) for row in r[-w:]) for j in range(P)]
+    return {j: max(s[i] for i in range(max(0, j - kernel // 2), min(P, j + kernel // 2 + 1))) for j in range(P)}
+
+
+def snap_select(budget_of, w):
+    def select(r, kept, layer):
+        s = snap_scores(r, kept, w)
+        return sorted(top(list(s), s, budget_of(layer) - w) + kept[-w:])
+    return select
+
+
+CASES = {
+    "h2o": dict(budget=12, recent=6),
+    "tova": dict(budget=12),
+    "scissorhands": dict(budget=12, recent=3, drop=5, history=8),
+    "snapkv": dict(budget=12, window=4),
+    "pyramidkv": dict(budget=12, window=4, beta=3.0),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kept_sets_match_independent_simulation(name):
+    model = peaked_model(seed=1)
+    kw = dict(CASES[name])
+    cache = KVCache(model.config, name, **kw)
+    idx = torch.randint(0, 256, (BATCH, N_PROMPT + N_DECODE), generator=torch.Generator().manual_seed(7))
+    calls, kept = run_capturing(model, cache, idx)
+    params = dict(kw, H=model.config.n_head)
+    if name == "snapkv":
+        params["select"] = snap_select(lambda layer: kw["budget"], kw["window"])
+    if name == "pyramidkv":
+        budgets = pyramid_budgets(kw["budget"], kw["window"], model.config.n_layer, kw["beta"])
+        params["select"] = snap_select(lambda layer: budgets[layer], kw["window"])
+    for (layer, b, h) in kept[0]:
+        expect = simulate(name, params, calls, layer, b, h, model.config.n_layer)
+        got = [k[(layer, b, h)] for k in kept]
+        assert got == expect, f"{name} layer {layer} row {b} head {h}"
+
+
+def test_adakv_matches_independent_global_topk():
+    model = peaked_model(seed=2)
+    budget, w, alpha = 12, 4, 0.25
+    cache = KVCache(model.config, "adakv", budget=budget, window=w, alpha=alpha)
+    idx = torch.randint(0, 256, (BATCH, N_PROMPT + N_DECODE), generator=torch.Generator().manual_seed(8))
+    calls, kept = run_capturing(model, cache, idx)
+    H, past = model.config.n_head, budget - w
+    floor = int(alpha * past)
+    for layer in range(model.config.n_layer):
+        for b in range(BATCH):
+            scores = {}
+            for h in range(H):
+                q, k = calls[layer][0][0][b, h], calls[layer][0][1][b, h]
+                r = rows(q, k, list(range(N_PROMPT)), list(range(N_PROMPT)))
+                scores[h] = snap_scores(r, list(range(N_PROMPT)), w)
+            chosen = {h: set(top(list(scores[h]), scores[h], floor)) for h in range(H)}
+            rest = [(h, j) for h in range(H) for j in scores[h] if j not in chosen[h]]
+            rest.sort(key=lambda hj: (-scores[hj[0]][hj[1]], -hj[1], hj[0]))
+            for h, j in rest[: H * (past - floor)]:
+                chosen[h].add(j)
+            lens = []
+            for h in range(H):
+                expect = sorted(chosen[h]) + list(range(N_PROMPT - w, N_PROMPT))
+                assert kept[0][(layer, b, h)] == expect
+                assert len(expect) >= floor + w
+                lens.append(len(expect))
+                # decode appends to every head
+                assert kept[-1][(layer, b, h)] == expect + list(range(N_PROMPT, N_PROMPT + N_DECODE))
+            assert sum(lens) == H * budget
+    assert not all(len(set(cache.lengths(l).flatten().tolist())) == 1 for l in range(2)), "heads should differ"
+
+
+def test_streamingllm_keeps_first_and_last():
+    model = peaked_model()
+    cache = KVCache(model.config, "streamingllm", budget=10, n_sink=3)
+    idx = torch.randint(0, 256, (BATCH, N_PROMPT + N_DECODE))
+    _, kept = run_capturing(model, cache, idx)
+    for i, k in enumerate(kept):
+        last = N_PROMPT + i
+        for positions in k.values():
+            assert positions == [0, 1, 2] + list(range(last - 7, last))
+
+
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"full"}))
+def test_budget_holds_and_positions_aligned(name):
+    model = peaked_model()
+    budget = 16
+    cache = KVCache(model.config, METHODS[name].scaled(budget))
+    idx = torch.randint(0, 256, (BATCH, 60), generator=torch.Generator().manual_seed(3))
+    grows = name in ("snapkv", "pyramidkv", "adakv")  # compress the prompt, then append
+    with torch.no_grad():
+        model(idx[:, :40], cache=cache)
+        for t in range(40, 60):
+            model(idx[:, t:t + 1], cache=cache)
+            for layer in range(2):
+                lens = cache.lengths(layer)
+                limit = (cache.method.layer_budget(layer) if grows else budget) + (t - 39 if grows else 0)
+                if name == "adakv":
+                    assert lens.sum(-1).tolist() == [4 * limit] * BATCH
+                else:
+                    assert (lens <= limit).all(), (t, lens)
+                store = cache.layers[layer]
+                assert store.fields["k"].shape[0] == store.fields["v"].shape[0] == store.fields["pos"].shape[0] \
+                    == int(lens.sum())
+                for b in range(BATCH):
+                    for h in range(4):
+                        pos = cache.kept_positions(layer, b, h)
+                        assert (pos.diff() > 0).all()  # position order
+                        if cache.method.window > 0:  # a protected recent window keeps the newest
+                            assert pos[-1] == t
+    # layer 0's keys depend on the tokens alone: the stored keys are those of the kept positions
+    full = KVCache(model.config, "full")
+    with torch.no_grad():
+        model(idx, cache=full)
+    store = cache.layers[0]
+    pos = store.padded("pos", fill=0).long()  # (B, H, L)
+    expect = torch.gather(full.layers[0].padded("k"), 2, pos[..., None].expand(-1, -1, -1, 16))
+    valid = store.valid_mask()
+    assert torch.allclose(store.padded("k")[valid], expect[valid], atol=1e-5)
+
+
+def test_pyramid_budgets_mean_and_order():
+    for n_layer, budget, w, beta in [(12, 64, 8, 20), (4, 100, 32, 20), (5, 17, 4, 3.0), (2, 10, 2, 1.0)]:
+        b = pyramid_budgets(budget, w, n_layer, beta)
+        assert sum(b) == n_layer * budget
+        assert b == sorted(b, reverse=True) and min(b) >= w
+    assert pyramid_budgets(64, 8, 1, 20) == [64]
+
+
+def test_h2o_accumulates_in_fp32_and_counts_state():
+    model = peaked_model()
+    cache = KVCache(model.config, "h2o", budget=16)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 30)), cache=cache)
+    assert cache.layers[0].fields["acc"].dtype == torch.float32
+    assert cache.memory_breakdown()["method_state"] == 2 * 4 * 16 * 4
+
+
+def test_scissorhands_history_is_bits():
+    model = peaked_model()
+    cache = KVCache(model.config, "scissorhands", budget=20, history=400, recent=4)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 50)), cache=cache)
+    lens = cache.lengths(0)
+    assert (lens <= 20).all()
+    n = int(cache.lengths(0).sum() + cache.lengths(1).sum())
+    assert cache.memory_breakdown()["method_state"] == n * 50  # 400 steps = 50 bytes per token
+
+
+def test_memory_shrinks_exactly_with_budget():
+    model = peaked_model()  # 2 layers, 4 heads, D=16, fp32: 2*16*4 + 4 bytes per entry
+    idx = torch.randint(0, 256, (1, 64))
+    for name, extra in [("streamingllm", 0), ("tova", 0), ("h2o", 4), ("knorm", 0)]:
+        for budget in (8, 32):
+            cache = KVCache(model.config, METHODS[name].scaled(budget))
+            with torch.no_grad():
+                model(idx, cache=cache)
+            assert cache.memory_bytes() == 2 * (4 * budget * (2 * 16 * 4 + 4 + extra) + 4 * 8), name
+
+
+@pytest.mark.parametrize("name, kw, match", [
+    ("streamingllm", dict(budget=4, n_sink=4), r"n_sink \(4\) must be < budget \(4\)"),
+    ("streamingllm", dict(budget=0), r"budget must be >= 1"),
+    ("h2o", dict(budget=8, recent=9), r"must be <= budget"),
+    ("h2o", dict(budget=8, recent=4, n_sink=5), r"n_sink \+ window \(5 \+ 4\)"),
+    ("tova", dict(budget=8, head_reduce="max"), r"head_reduce must be 'mean' or 'none'"),
+    ("scissorhands", dict(budget=8, recent=10), r"must be <= budget"),
+    ("scissorhands", dict(budget=20, drop=0), r"drop must be \[1, "),
+    ("scissorhands", dict(budget=20, history=0), r"history must be >= 1"),
+    ("scissorhands", dict(budget=20, threshold="0.1"), r"threshold must be"),
+    ("snapkv", dict(budget=16), r"n_sink \+ window \(0 \+ 32\) must be <= budget \(16\)"),
+    ("snapkv", dict(budget=64, kernel=4), r"kernel must be odd"),
+    ("snapkv", dict(budget=64, pool="median"), r"pool must be"),
+    ("pyramidkv", dict(budget=64, beta=0.5), r"beta must be a number >= 1"),
+    ("adakv", dict(budget=64, alpha=1.5), r"alpha must be in \[0, 1\]"),
+    ("knorm", dict(budget=-1), r"budget must be >= 1"),
+])
+def test_bad_parameters(name, kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        METHODS[name](**kw)
+
+
+def test_pyramid_rejects_config_it_cannot_fit():
+    model = peaked_model()
+    with pytest.raises(ValueError, match="top layer's budget"):
+        KVCache(model.config, "pyramidkv", budget=2, window=0, beta=20)
+
+
+def test_prompt_shorter_than_window_not_compressed():
+    model = peaked_model()
+    cache = KVCache(model.config, "snapkv", budget=40, window=32)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 20)), cache=cache)
+    assert cache.kept_positions(1, 0, 3).tolist() == list(range(20))
