@@ -61,6 +61,7 @@ def get_args(argv=None):
     p.add_argument("--out", default="out/tiny.pt", help="training checkpoint (with optimizer)")
     p.add_argument("--export", help="also write an fp16 checkpoint without optimizer here at the end")
     p.add_argument("--resume", help="continue from this training checkpoint")
+    p.add_argument("--stop-after", type=int, help="stop (and save) after this step, keeping the --steps schedule")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -77,8 +78,8 @@ def check_args(args):
     if not 0.0 <= args.min_lr_frac <= 1.0:
         raise ValueError(f"--min-lr-frac must be in [0, 1], got {args.min_lr_frac}")
     lengths = [int(x) for x in args.curriculum.split(",")]
-    if any(n < 48 or n > args.block_size for n in lengths):
-        raise ValueError(f"--curriculum lengths must be in [48, --block-size={args.block_size}], got {lengths}")
+    if any(n < 96 or n > args.block_size for n in lengths):
+        raise ValueError(f"--curriculum lengths must be in [96, --block-size={args.block_size}], got {lengths}")
 
 
 class Data:
@@ -196,7 +197,9 @@ def train(args):
     lengths = [int(x) for x in args.curriculum.split(",")]
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}", file=sys.stderr)
     t0 = time.time()
-    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="train")
+    end = min(args.steps, args.stop_after or args.steps)
+    losses = []
+    bar = tqdm(range(step, end), initial=step, total=args.steps, desc="train")
     for step in bar:
         T = rng.choice(lengths)
         x, y, w = (t.to(args.device) for t in data.batch(rng, args, T))
@@ -209,8 +212,9 @@ def train(args):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", T=T)
-        last = step + 1 == args.steps
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", T=T)
+        last = step + 1 == end
         if args.eval_interval and ((step + 1) % args.eval_interval == 0 or last):
             bpb = val_bits_per_byte(model, data, args)
             acc = retrieval_accuracy(model, data, args.eval_episodes, args.block_size)
@@ -219,11 +223,11 @@ def train(args):
             tqdm.write(str(entry))
             save(args.out, model, opt, step + 1, rng, args, log)
     if not args.eval_interval:
-        save(args.out, model, opt, args.steps, rng, args, log)
+        save(args.out, model, opt, end, rng, args, log)
     if args.export:
         model.save_checkpoint(args.export, half=True, train_args=vars(args), log=log,
                               corpus=None if args.data else corpus_info())
-    return model, log
+    return model, log, losses
 
 
 if __name__ == "__main__":

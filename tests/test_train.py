@@ -1,0 +1,162 @@
+"""train_tiny.py, the episode generators, and the committed tiny checkpoint."""
+
+import os
+import random
+
+import pytest
+import torch
+
+import train_tiny
+from gpt import GPT, TINY_CHECKPOINT
+from nanokv.corpus import builtin_text, corpus_info
+from nanokv.episodes import exact_match, lines_episode, make_episode, passkey_episode, words_from
+from nanokv.tokenizer import get_tokenizer
+
+TINY_ARGS = ["--preset", "nano", "--block-size", "128", "--curriculum", "128", "--batch-size", "4",
+             "--eval-episodes", "1", "--threads", "1"]
+
+
+def test_a_few_steps_lower_the_loss(tmp_path):
+    args = train_tiny.get_args(TINY_ARGS + ["--steps", "30", "--eval-interval", "0", "--lr", "1e-2",
+                                            "--warmup", "5", "--out", str(tmp_path / "t.pt")])
+    _, _, losses = train_tiny.train(args)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    print(f"loss {first:.3f} -> {last:.3f}")
+    assert last < first - 0.5
+
+
+def test_checkpoint_resume_is_exact(tmp_path):
+    common = TINY_ARGS + ["--steps", "6", "--eval-interval", "3", "--warmup", "2"]
+    straight, _, _ = train_tiny.train(train_tiny.get_args(common + ["--out", str(tmp_path / "a.pt")]))
+    train_tiny.train(train_tiny.get_args(common + ["--out", str(tmp_path / "b.pt"), "--stop-after", "3"]))
+    ck = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert ck["step"] == 3 and "optimizer" in ck and ck["corpus"]["python"]
+    resumed, log, _ = train_tiny.train(train_tiny.get_args(
+        common + ["--out", str(tmp_path / "b.pt"), "--resume", str(tmp_path / "b.pt")]))
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert [e["step"] for e in log] == [3, 6]
+    # the saved checkpoint loads as a model with the same weights, and exports in fp16
+    loaded = GPT.from_pretrained(str(tmp_path / "b.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_export_is_half_and_loads(tmp_path):
+    args = train_tiny.get_args(TINY_ARGS + ["--steps", "2", "--eval-interval", "0", "--out", str(tmp_path / "t.pt"),
+                                            "--export", str(tmp_path / "e.pt")])
+    model, _, _ = train_tiny.train(args)
+    ck = torch.load(tmp_path / "e.pt", weights_only=True)
+    assert "optimizer" not in ck and ck["model"]["transformer.wte.weight"].dtype == torch.float16
+    loaded = GPT.from_pretrained(str(tmp_path / "e.pt"))
+    assert torch.allclose(loaded.transformer.wte.weight, model.transformer.wte.weight, atol=1e-3)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--episode-ratio", "1.5"], r"--episode-ratio must be in \[0, 1\]"),
+    (["--lines-share", "-0.1"], r"--lines-share must be in \[0, 1\]"),
+    (["--curriculum", "256"], r"--curriculum lengths must be in \[96, --block-size=128\]"),
+    (["--steps", "0"], r"--steps and --batch-size must be >= 1"),
+])
+def test_bad_arguments(argv, match):
+    with pytest.raises(ValueError, match=match):
+        train_tiny.get_args(TINY_ARGS + argv)
+
+
+def test_bad_data_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train_tiny.train(train_tiny.get_args(TINY_ARGS + ["--data", str(tmp_path / "nope.txt")]))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty or too short"):
+        train_tiny.train(train_tiny.get_args(TINY_ARGS + ["--data", str(empty)]))
+
+
+def test_block_size_larger_than_model(tmp_path):
+    args = train_tiny.get_args(TINY_ARGS + ["--steps", "1", "--eval-interval", "0", "--out", str(tmp_path / "t.pt")])
+    train_tiny.train(args)
+    bigger = train_tiny.get_args(TINY_ARGS[:2] + ["--block-size", "256", "--curriculum", "256", "--batch-size", "2",
+                                                  "--resume", str(tmp_path / "t.pt"), "--steps", "2"])
+    with pytest.raises(ValueError, match="larger than the model's block_size 128"):
+        train_tiny.train(bigger)
+
+
+def test_trains_on_a_text_file(tmp_path):
+    path = tmp_path / "shakespeare.txt"
+    path.write_text("First Citizen: Before we proceed any further, hear me speak.\n" * 200)
+    args = train_tiny.get_args(TINY_ARGS + ["--data", str(path), "--steps", "2", "--eval-interval", "0",
+                                            "--out", str(tmp_path / "t.pt")])
+    train_tiny.train(args)
+    assert torch.load(tmp_path / "t.pt", weights_only=True)["corpus"] is None
+
+
+# ----------------------------------------------------------------------------- episodes
+@pytest.fixture(scope="module")
+def ingredients():
+    tok = get_tokenizer("byte")
+    text = builtin_text("val")
+    return tok, tok.encode(text), words_from(text)
+
+
+@pytest.mark.parametrize("kind", ["passkey", "lines"])
+def test_episodes_deterministic_exact_length_and_unique_answer(ingredients, kind):
+    tok, filler, words = ingredients
+    for seed in range(20):
+        a = make_episode(kind, random.Random(seed), tok, filler, words, 300)
+        b = make_episode(kind, random.Random(seed), tok, filler, words, 300)
+        assert a == b
+        assert a.length == 300
+        prompt = tok.decode(a.prompt)
+        assert prompt.count(a.answer_text) == 1
+        assert tok.decode(a.answer) == " " + a.answer_text
+        ctx = tok.decode(a.prompt[:a.context_len])
+        assert a.answer_text in ctx  # the fact is in the context, before the question
+
+
+def test_passkey_depth_is_honoured(ingredients):
+    tok, filler, _ = ingredients
+    for depth in (0.0, 0.25, 0.5, 1.0):
+        ep = passkey_episode(random.Random(1), tok, filler, 500, depth=depth)
+        n_fill = ep.context_len - len(tok.encode(" The pass key is 12345. Remember it. "))
+        assert ep.needle_start == round(depth * n_fill)
+        assert tok.decode(ep.prompt[ep.needle_start:]).startswith(" The pass key is " + ep.answer_text)
+
+
+def test_lines_depth_picks_the_line(ingredients):
+    tok, filler, words = ingredients
+    first = lines_episode(random.Random(2), tok, filler, words, 400, depth=0.0)
+    last = lines_episode(random.Random(2), tok, filler, words, 400, depth=1.0)
+    assert first.needle_start < last.needle_start
+    assert tok.decode(first.prompt[first.needle_start:]).startswith("line ")
+    assert tok.decode(last.prompt[last.needle_start:last.context_len]).count("\n") == 1
+
+
+def test_episode_bad_input(ingredients):
+    tok, filler, words = ingredients
+    with pytest.raises(ValueError, match="depth must be in"):
+        passkey_episode(random.Random(0), tok, filler, 300, depth=1.5)
+    with pytest.raises(ValueError, match="length must be an int >= 48"):
+        lines_episode(random.Random(0), tok, filler, words, 10)
+    with pytest.raises(ValueError, match="unknown episode kind"):
+        make_episode("qa", random.Random(0), tok, filler, words, 100)
+
+
+def test_corpus_split_is_deterministic_and_disjoint():
+    train, val = builtin_text("train"), builtin_text("val")
+    assert len(train) > 500_000 and len(val) > 50_000
+    val_docs = set(val.split("\n\n\n"))
+    assert corpus_info()["python"]
+    assert not any(d in train for d in list(val_docs)[:5] if len(d) > 2000)
+
+
+# ----------------------------------------------------------------------------- the committed model
+@pytest.mark.skipif(not os.path.isfile(TINY_CHECKPOINT), reason="no committed checkpoint")
+def test_committed_checkpoint_retrieves_passkeys():
+    model = GPT.from_pretrained("nanokv-tiny")
+    assert model.config.block_size >= 512 and os.path.getsize(TINY_CHECKPOINT) < 8 * 2**20
+    tok = model.tokenizer
+    text = builtin_text("val")
+    rng = random.Random(12345)
+    eps = [passkey_episode(rng, tok, tok.encode(text), model.config.block_size) for _ in range(20)]
+    acc = exact_match(model, eps)
+    print(f"passkey exact match on 20 held-out episodes: {acc:.2f}")
+    assert acc >= 0.9
