@@ -51,7 +51,11 @@ def reference_attention(q, k, v, q_pos, k_pos, valid=None):
 
 
 class KVCache:
-    def __init__(self, config, method="full", backend: str = "torch", **method_kwargs):
+    def __init__(self, config, method="full", backend: str = "torch", grow_by: int = 64, **method_kwargs):
+        """config: the model's GPTConfig. method: a name from nanokv.METHODS (built with
+        method_kwargs) or a Method instance. backend: "torch" (the reference) or "triton".
+        grow_by: when a layer's heads all hold the same number of tokens, its buffers grow
+        by this many token slots at a time (spare slots are reported as padding; 1 = none)."""
         from . import METHODS
         from .method import Method
 
@@ -65,6 +69,8 @@ class KVCache:
             raise TypeError("method keyword arguments are only accepted with a method name")
         if not isinstance(method, Method):
             raise TypeError(f"method must be a name or a nanokv.Method, got {type(method).__name__}")
+        if not isinstance(grow_by, int) or isinstance(grow_by, bool) or grow_by < 1:
+            raise ValueError(f"grow_by must be an int >= 1, got {grow_by!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "triton":
@@ -75,6 +81,7 @@ class KVCache:
         self.config = config
         self.method = method
         self.backend = backend
+        self.grow_by = grow_by
         self.layers: list[Ragged] | None = None  # created by the first call
 
     # ------------------------------------------------------------------ the call the model makes
@@ -122,7 +129,7 @@ class KVCache:
         c = self.config
         self.layers = []
         for i in range(c.n_layer):
-            layer = Ragged(batch, c.n_head, device)
+            layer = Ragged(batch, c.n_head, device, grow_by=self.grow_by)
             layer.index, layer.n_seen = i, 0
             layer.add_field("k", "keys", (c.n_embd // c.n_head,), dtype)
             layer.add_field("v", "values", (c.n_embd // c.n_head,), dtype)

@@ -1,8 +1,8 @@
 """
 Demo: generate text through a KV cache and print what the cache holds.
 
-    python -m nanokv.demo                                  # the committed tiny model, H2O-free defaults
-    python -m nanokv.demo --method knorm --budget 64 --new 100
+    python -m nanokv.demo                                  # the committed tiny model, H2O at 64 tokens
+    python -m nanokv.demo --method streamingllm --budget 32 --new 100
 
 Runs the same prompt through the full cache and through the chosen method, prints both
 continuations, and the bytes each cache holds (with the breakdown). Needs no download:
@@ -30,7 +30,7 @@ DEFAULT_PROMPT = (
 def main(argv=None):
     p = argparse.ArgumentParser(description="generate through a compressed KV cache and print its memory")
     p.add_argument("--model", default=None, help="checkpoint, HF directory or name [nanokv-tiny]")
-    p.add_argument("--method", default="knorm", help=f"one of {sorted(METHODS)} [knorm]")
+    p.add_argument("--method", default="h2o", help=f"one of {sorted(METHODS)} [h2o]")
     p.add_argument("--budget", type=int, default=64, help="tokens kept per head [64]")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--new", type=int, default=120, help="tokens to generate [120]")
@@ -50,8 +50,10 @@ def main(argv=None):
         p.error(f"prompt ({idx.size(1)} tokens) + --new ({args.new}) exceeds block_size {model.config.block_size}")
     caches = {"full": KVCache(model.config, "full")}
     if args.method != "full":
-        cls = METHODS[args.method]
-        caches[args.method] = KVCache(model.config, cls(budget=args.budget) if cls.takes_budget else cls())
+        try:
+            caches[args.method] = KVCache(model.config, METHODS[args.method].scaled(args.budget))
+        except (ValueError, TypeError) as e:
+            p.error(str(e))
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers x "
           f"{model.config.n_head} heads, tokenizer {model.tokenizer_name}")
     print(f"prompt ({idx.size(1)} tokens): {args.prompt!r}\n")

@@ -2,25 +2,31 @@
 Ragged storage: the layout every cache layer uses.
 
 A layer of a KV cache holds, for every (batch row b, head h), a list of entries: one per
-kept token. Different heads may keep different numbers of tokens (Ada-KV, EMS), so the
-entries are stored flat, without padding:
+kept token, in position order. A "field" is any per-entry tensor: keys k (D,), values v
+(D,), original positions pos (), and whatever per-token state a method keeps (H2O's
+accumulated attention, Scissorhands' bit history, packed low-bit codes, ...). All fields
+share `lengths` (B, H), so appending and evicting keep them aligned by construction.
 
-    field tensor  (N, *trailing)   N = lengths.sum(), rows grouped by head:
-                                   [head (0,0) entries][head (0,1) entries]...[head (B-1,H-1) entries]
-    lengths       (B, H)           entries held by each head
+Two layouts, chosen automatically after every change:
 
-A "field" is any per-entry tensor: keys k (N, D), values v (N, D), original positions
-pos (N,), and whatever per-token state a method keeps (H2O's accumulated attention (N,),
-Scissorhands' bit history (N, W/8), packed low-bit codes (N, D*b/8), ...). All fields
-share `lengths`, so appending and evicting keep them aligned by construction.
+  uniform  every head holds the same number L of entries (most methods). Each field is a
+           buffer (B, H, C, *trailing) with C >= L slots; `padded(name)` is the free view
+           [:, :, :L]. When the full cache grows, the buffer grows by `grow_by` slots at a
+           time, so appending a token is a copy into a free slot, not a reallocation of the
+           whole cache; the C - L spare slots are real memory and are reported as padding.
+  ragged   heads hold different numbers of entries (Ada-KV, EMS). Each field is flat
+           (N, *trailing), N = lengths.sum(), rows grouped head by head
+           [head (0,0)][head (0,1)]...[head (B-1,H-1)], with no padding at all.
+           `padded(name)` then builds a temporary (B, H, Lmax, *trailing) copy plus a validity
+           mask for one computation; that copy is never held.
 
-When every head holds the same number L of entries (the common case) `padded(name)` is a
-free view (B, H, L, *trailing). When lengths differ it builds a temporary padded copy
-(B, H, Lmax, *trailing) plus a validity mask; that copy lives only during one computation
-and is never held, so the cache itself allocates no padding.
+After an eviction (`keep`) the buffer is exactly the size of what is kept (no spare slots),
+so a compressed cache's bytes are exactly budget x per-entry bytes.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -28,12 +34,14 @@ KINDS = ("keys", "values", "positions", "quant_meta", "method_state", "padding")
 
 
 class Ragged:
-    def __init__(self, batch: int, heads: int, device):
+    def __init__(self, batch: int, heads: int, device, grow_by: int = 64):
         self.lengths = torch.zeros(batch, heads, dtype=torch.long, device=device)  # (B, H)
+        self.grow_by = grow_by
         # plain-int summary of `lengths`, kept in step with it (saves a tensor reduction per call)
         self._uniform_len: int | None = 0  # L when every head holds L entries, else None
         self._max_len = 0
-        self.fields: dict[str, torch.Tensor] = {}  # name -> (N, *trailing)
+        self.fields: dict[str, torch.Tensor] = {}  # name -> (B, H, C, *trailing) or (N, *trailing)
+        self.trailing: dict[str, tuple] = {}
         self.kinds: dict[str, str] = {}  # name -> accounting kind (one of KINDS)
         self.fills: dict[str, float] = {}  # value given to new entries a caller does not provide
 
@@ -43,10 +51,9 @@ class Ragged:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if name in self.fields:
             raise ValueError(f"field {name!r} already exists")
-        n = int(self.lengths.sum())
-        self.fields[name] = torch.full((n, *trailing), fill, dtype=dtype, device=self.lengths.device)
-        self.kinds[name] = kind
-        self.fills[name] = fill
+        lead = (self.batch, self.heads, self.capacity) if self.uniform else (int(self.lengths.sum()),)
+        self.fields[name] = torch.full((*lead, *trailing), fill, dtype=dtype, device=self.lengths.device)
+        self.trailing[name], self.kinds[name], self.fills[name] = tuple(trailing), kind, fill
 
     # ------------------------------------------------------------------ shape helpers
     @property
@@ -66,13 +73,12 @@ class Ragged:
         """True when every head holds the same number of entries."""
         return self._uniform_len is not None
 
-    def _set_lengths(self, lengths: torch.Tensor):
-        self.lengths = lengths
-        self._max_len = int(lengths.max()) if lengths.numel() else 0
-        self._uniform_len = self._max_len if bool((lengths == self._max_len).all()) else None
-
-    def _trailing(self, name):
-        return self.fields[name].shape[1:]
+    @property
+    def capacity(self) -> int:
+        """Slots per head allocated in the uniform layout (0 when there are no fields yet)."""
+        if not self.fields or not self.uniform:
+            return self._max_len
+        return next(iter(self.fields.values())).shape[2]
 
     def valid_mask(self) -> torch.Tensor:
         """(B, H, Lmax) bool: True where a padded slot holds a real entry."""
@@ -82,18 +88,29 @@ class Ragged:
     def padded(self, name: str, fill: float = 0.0) -> torch.Tensor:
         """Field `name` as (B, H, Lmax, *trailing); a view when lengths are uniform."""
         t = self.fields[name]
-        B, H, L = self.batch, self.heads, self.max_len
         if self.uniform:
-            return t.view(B, H, L, *self._trailing(name))
-        out = torch.full((B, H, L, *self._trailing(name)), fill, dtype=t.dtype, device=t.device)
+            return t[:, :, : self._uniform_len]
+        out = torch.full((self.batch, self.heads, self.max_len, *self.trailing[name]), fill,
+                         dtype=t.dtype, device=t.device)
         out[self.valid_mask()] = t
         return out
+
+    def flat(self, name: str) -> torch.Tensor:
+        """Field `name` as (N, *trailing), entries grouped head by head."""
+        return self.padded(name).reshape(-1, *self.trailing[name]) if self.uniform else self.fields[name]
 
     def set_padded(self, name: str, value: torch.Tensor):
         """Write field `name` from a padded (B, H, Lmax, *trailing) tensor (padding ignored)."""
         t = self.fields[name]
-        value = value.to(t.dtype)
-        self.fields[name] = value.reshape(t.shape) if self.uniform else value[self.valid_mask()]
+        if self.uniform:
+            t[:, :, : self._uniform_len] = value
+        else:
+            self.fields[name] = value.to(t.dtype)[self.valid_mask()]
+
+    def _set_lengths(self, lengths: torch.Tensor):
+        self.lengths = lengths
+        self._max_len = int(lengths.max()) if lengths.numel() else 0
+        self._uniform_len = self._max_len if bool((lengths == self._max_len).all()) else None
 
     # ------------------------------------------------------------------ growing and shrinking
     def append(self, **new: torch.Tensor):
@@ -103,52 +120,56 @@ class Ragged:
         if unknown:
             raise ValueError(f"unknown fields {sorted(unknown)}; fields: {sorted(self.fields)}")
         B, H, T = next(iter(new.values())).shape[:3]
-        for name, t in self.fields.items():
-            if name not in new:
-                new[name] = torch.full((B, H, T, *t.shape[1:]), self.fills[name], dtype=t.dtype,
-                                       device=t.device)
-        if self.uniform:  # cat along the token axis of the (B, H, L, ...) view
-            L = self.max_len
+        if self.uniform:
+            L, C = self._uniform_len, self.capacity
+            if L + T > C:  # grow every buffer to the next multiple of grow_by slots
+                C = self.grow_by * math.ceil((L + T) / self.grow_by)
+                for name, t in self.fields.items():
+                    buf = torch.empty((B, H, C, *self.trailing[name]), dtype=t.dtype, device=t.device)
+                    buf[:, :, :L] = t[:, :, :L]
+                    self.fields[name] = buf
             for name, t in self.fields.items():
-                old = t.view(B, H, L, *t.shape[1:])
-                self.fields[name] = torch.cat((old, new[name].to(t.dtype)), dim=2).flatten(0, 2)
-        else:  # scatter old and new rows into a larger flat tensor
-            new_len = self.lengths + T
-            start = torch.cumsum(new_len.flatten(), 0) - new_len.flatten()  # (B*H,) first row of head
-            head_of_row = torch.repeat_interleave(torch.arange(B * H, device=start.device),
-                                                  self.lengths.flatten())
-            old_start = torch.cumsum(self.lengths.flatten(), 0) - self.lengths.flatten()
-            rank = torch.arange(head_of_row.numel(), device=start.device) - old_start[head_of_row]
-            old_dst = start[head_of_row] + rank  # (N,)
-            new_dst = (start + self.lengths.flatten())[:, None] + torch.arange(T, device=start.device)
-            for name, t in self.fields.items():
-                out = torch.empty((int(new_len.sum()), *t.shape[1:]), dtype=t.dtype, device=t.device)
-                out[old_dst] = t
-                out[new_dst.flatten()] = new[name].to(t.dtype).flatten(0, 2)
-                self.fields[name] = out
-            self._set_lengths(new_len)
+                t[:, :, L:L + T] = new[name] if name in new else self.fills[name]
+            self.lengths = self.lengths + T
+            self._uniform_len, self._max_len = L + T, L + T
             return
-        self.lengths = self.lengths + T
-        self._uniform_len += T
-        self._max_len += T
+        # ragged: scatter the old rows and the new ones into larger flat tensors
+        n_old = self.lengths.flatten()
+        new_len = self.lengths + T
+        start = torch.cumsum(new_len.flatten(), 0) - new_len.flatten()  # (B*H,) first row of each head
+        head_of_row = torch.repeat_interleave(torch.arange(B * H, device=start.device), n_old)
+        rank = torch.arange(head_of_row.numel(), device=start.device) - (torch.cumsum(n_old, 0) - n_old)[head_of_row]
+        old_dst = start[head_of_row] + rank  # (N,)
+        new_dst = ((start + n_old)[:, None] + torch.arange(T, device=start.device)).flatten()
+        for name, t in self.fields.items():
+            out = torch.empty((int(new_len.sum()), *self.trailing[name]), dtype=t.dtype, device=t.device)
+            out[old_dst] = t
+            out[new_dst] = new[name].to(t.dtype).flatten(0, 2) if name in new else self.fills[name]
+            self.fields[name] = out
+        self._set_lengths(new_len)
 
     def keep(self, mask: torch.Tensor):
         """Keep the entries where mask (B, H, Lmax) is True (padded slots must be False).
-        The order of the kept entries is unchanged."""
+        The order of the kept entries is unchanged; buffers shrink to exactly what is kept."""
         if mask.shape != (self.batch, self.heads, self.max_len):
             raise ValueError(f"keep mask must be {(self.batch, self.heads, self.max_len)}, got {tuple(mask.shape)}")
         valid = self.valid_mask()
         if (mask & ~valid).any():
             raise ValueError("keep mask selects padded slots that hold no entry")
         flat = mask[valid]  # (N,) in the flat (b, h, slot) order
-        for name, t in self.fields.items():
-            self.fields[name] = t[flat]
+        kept = {name: self.flat(name)[flat] for name in self.fields}
         self._set_lengths(mask.sum(dim=-1))
+        for name, t in kept.items():
+            self.fields[name] = t.view(self.batch, self.heads, self._uniform_len, *self.trailing[name]) \
+                if self.uniform else t
 
     # ------------------------------------------------------------------ accounting
     def nbytes(self) -> dict[str, int]:
         out = dict.fromkeys(KINDS, 0)
         for name, t in self.fields.items():
-            out[self.kinds[name]] += t.numel() * t.element_size()
+            total = t.numel() * t.element_size()
+            used = total if not self.uniform or not self.capacity else total * self._uniform_len // self.capacity
+            out[self.kinds[name]] += used
+            out["padding"] += total - used  # spare slots of the uniform layout
         out["positions"] += self.lengths.numel() * self.lengths.element_size()  # index metadata
         return out

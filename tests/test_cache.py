@@ -39,16 +39,20 @@ def test_memory_bytes_is_what_is_held(name):
     assert cache.memory_bytes() == walk_tensor_bytes(cache) == sum(cache.memory_breakdown().values())
 
 
-def test_full_cache_memory_exact():
+@pytest.mark.parametrize("grow_by", [1, 8, 64])
+def test_full_cache_memory_exact(grow_by):
     m = peaked_model()  # 2 layers, 4 heads, head dim 16, fp32
-    cache = KVCache(m.config)
+    cache = KVCache(m.config, grow_by=grow_by)
     assert cache.memory_bytes() == 0
-    run(m, cache, torch.randint(0, 256, (3, 20)), 20)
+    run(m, cache, torch.randint(0, 256, (3, 20)), 17)  # prefill 17, decode 3
     per_layer_kv = 3 * 4 * 20 * 16 * 4
     b = cache.memory_breakdown()
     assert b["keys"] == b["values"] == 2 * per_layer_kv
     assert b["positions"] == 2 * (3 * 4 * 20 * 4 + 3 * 4 * 8)  # int32 positions + int64 lengths
-    assert b["quant_meta"] == b["method_state"] == b["padding"] == 0
+    assert b["quant_meta"] == b["method_state"] == 0
+    slots = grow_by * -(-20 // grow_by)  # allocated token slots per head
+    assert b["padding"] == 2 * 3 * 4 * (slots - 20) * (2 * 16 * 4 + 4)
+    assert cache.memory_bytes() == walk_tensor_bytes(cache)
 
 
 def test_knorm_memory_shrinks_with_budget():

@@ -205,7 +205,7 @@ def test_budget_holds_and_positions_aligned(name):
                 else:
                     assert (lens <= limit).all(), (t, lens)
                 store = cache.layers[layer]
-                assert store.fields["k"].shape[0] == store.fields["v"].shape[0] == store.fields["pos"].shape[0] \
+                assert store.flat("k").shape[0] == store.flat("v").shape[0] == store.flat("pos").shape[0] \
                     == int(lens.sum())
                 for b in range(BATCH):
                     for h in range(4):
@@ -237,7 +237,7 @@ def test_h2o_accumulates_in_fp32_and_counts_state():
     cache = KVCache(model.config, "h2o", budget=16)
     with torch.no_grad():
         model(torch.randint(0, 256, (1, 30)), cache=cache)
-    assert cache.layers[0].fields["acc"].dtype == torch.float32
+    assert cache.layers[0].flat("acc").dtype == torch.float32
     assert cache.memory_breakdown()["method_state"] == 2 * 4 * 16 * 4
 
 

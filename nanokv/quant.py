@@ -1,0 +1,107 @@
+"""
+Asymmetric min-max round-to-nearest quantization in groups, with real bit packing.
+
+For a group of values x (g consecutive channels of one token, "per-token", or g consecutive
+tokens of one channel, "per-channel"):
+    zero  = min(x)                          stored in fp16
+    scale = (max(x) - min(x)) / (2^b - 1)   stored in fp16
+    code  = clamp(round((x - zero) / scale), 0, 2^b - 1)      b in {2, 3, 4, 8}
+    x_hat = code * scale + zero
+Rounding rule: `torch.round`, i.e. round half to even. Codes are computed from the fp16
+scale and zero that are stored, so dequantization error is at most scale/2 per element
+(plus fp16 rounding of the zero point). A group whose values are all equal has scale 0:
+its codes are 0 and x_hat = zero exactly (no division, no NaN).
+
+Packing: codes of b bits are packed little-endian into bytes, several per byte: 4 per byte
+at 2 bits, 2 at 4 bits, 1 at 8 bits, and 8 codes in 3 bytes at 3 bits (dense, no 4-bit
+slots). A run of n codes takes ceil(n * b / 8) bytes (n is padded up to a whole chunk of
+8 // gcd(8, b) codes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+BITS = (2, 3, 4, 8)
+
+
+def check_bits(bits: int, name: str = "bits"):
+    if bits not in BITS:
+        raise ValueError(f"{name} must be one of {BITS}, got {bits!r}")
+
+
+def check_group(size: int, group: int, what: str = "head_dim"):
+    if not isinstance(group, int) or group < 1 or size % group != 0:
+        raise ValueError(f"group size {group!r} must be a positive divisor of {what} ({size})")
+
+
+def quantize(x: torch.Tensor, bits: int, group: int):
+    """Quantize groups of `group` consecutive entries along the last dim of x (..., n).
+    Returns codes (..., n) uint8, scale (..., n // group) fp16, zero (..., n // group) fp16."""
+    check_bits(bits)
+    check_group(x.shape[-1], group, "the quantized dimension")
+    xg = x.float().reshape(*x.shape[:-1], x.shape[-1] // group, group)
+    zero = xg.amin(dim=-1).half()
+    scale = ((xg.amax(dim=-1) - xg.amin(dim=-1)) / (2**bits - 1)).half()
+    z, s = zero.float()[..., None], scale.float()[..., None]
+    safe = torch.where(s > 0, s, torch.ones_like(s))  # constant group: no division by zero
+    codes = torch.round((xg - z) / safe).clamp(0, 2**bits - 1)
+    codes = torch.where(s > 0, codes, torch.zeros_like(codes))
+    return codes.to(torch.uint8).reshape(x.shape), scale, zero
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype=torch.float32):
+    """Inverse of quantize: codes (..., n), scale and zero (..., n // group) -> (..., n) in dtype."""
+    n_groups = scale.shape[-1]
+    cg = codes.float().reshape(*codes.shape[:-1], n_groups, codes.shape[-1] // n_groups)
+    x = cg * scale.float()[..., None] + zero.float()[..., None]
+    return x.reshape(codes.shape).to(dtype)
+
+
+def _chunk(bits: int) -> tuple[int, int]:
+    """(codes, bytes) in one packing chunk: the smallest whole number of bytes."""
+    codes = 8 // math.gcd(8, bits)
+    return codes, codes * bits // 8
+
+
+def packed_bytes(n: int, bits: int) -> int:
+    """Bytes that n codes of `bits` bits take once packed."""
+    codes, nbytes = _chunk(bits)
+    return math.ceil(n / codes) * nbytes
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes (..., n) uint8 (each < 2^bits) into (..., packed_bytes(n, bits)) uint8."""
+    check_bits(bits)
+    per, nbytes = _chunk(bits)
+    n = codes.shape[-1]
+    pad = (-n) % per
+    c = torch.nn.functional.pad(codes.to(torch.int64), (0, pad)).reshape(*codes.shape[:-1], -1, per)
+    shifts = torch.arange(per, device=codes.device) * bits
+    word = (c << shifts).sum(dim=-1)  # (..., chunks) one integer of per*bits bits
+    byte_shifts = torch.arange(nbytes, device=codes.device) * 8
+    out = (word[..., None] >> byte_shifts) & 0xFF  # (..., chunks, nbytes)
+    return out.to(torch.uint8).reshape(*codes.shape[:-1], -1)
+
+
+def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of pack: (..., packed_bytes(n, bits)) uint8 -> codes (..., n) uint8."""
+    check_bits(bits)
+    per, nbytes = _chunk(bits)
+    b = packed.to(torch.int64).reshape(*packed.shape[:-1], -1, nbytes)
+    word = (b << (torch.arange(nbytes, device=packed.device) * 8)).sum(dim=-1)
+    shifts = torch.arange(per, device=packed.device) * bits
+    codes = (word[..., None] >> shifts) & (2**bits - 1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
+
+
+def quantize_packed(x: torch.Tensor, bits: int, group: int):
+    """quantize + pack along the last dim: (packed uint8, scale fp16, zero fp16)."""
+    codes, scale, zero = quantize(x, bits, group)
+    return pack(codes, bits), scale, zero
+
+
+def dequantize_packed(packed, scale, zero, bits: int, n: int, dtype=torch.float32):
+    return dequantize(unpack(packed, bits, n), scale, zero, dtype)
