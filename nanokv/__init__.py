@@ -10,8 +10,11 @@ from .method import Method, ScoredEviction
 from .methods.adakv import AdaKV
 from .methods.full import FullCache
 from .methods.h2o import H2O
+from .methods.kivi import KIVI
 from .methods.knorm import KeyNorm
+from .methods.mikv import MiKV
 from .methods.pyramidkv import PyramidKV
+from .methods.rtn import RTN
 from .methods.scissorhands import Scissorhands
 from .methods.snapkv import SnapKV
 from .methods.streamingllm import StreamingLLM
@@ -20,7 +23,8 @@ from .methods.tova import TOVA
 # name -> method class. Add yours here (see "Add a method" in ARCHITECTURE.md) or use register().
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (FullCache, StreamingLLM, H2O, TOVA, Scissorhands, SnapKV, PyramidKV, AdaKV, KeyNorm)
+    for cls in (FullCache, StreamingLLM, H2O, TOVA, Scissorhands, SnapKV, PyramidKV, AdaKV, KeyNorm,
+                RTN, KIVI, MiKV)
 }
 
 

@@ -117,11 +117,26 @@ class KVCache:
         return out
 
     def attention(self, q, layer: Ragged, q_pos):
-        """Attention of q over everything `layer` holds; returns out and fp32 probs (B, H, T, Lmax).
+        """Attention of q over everything the method says the layer holds (method.gather);
+        returns out (B, H, T, D) and fp32 probs (B, H, T, L) over the gathered entries.
         Every method goes through this one function, so exactness tests compare like with like."""
-        valid = None if layer.uniform else layer.valid_mask()
-        k, v = layer.padded("k"), layer.padded("v")
-        k_pos = layer.padded("pos", fill=-1)  # (B, H, Lmax)
+        return self.attention_over(q, self.method.gather(layer), q_pos)
+
+    @staticmethod
+    def attention_over(q, parts, q_pos):
+        """Attention over a list of parts, each (k, v, k_pos, valid): (B, H, L_i, D) keys and
+        values (dequantized if stored in low bits), (B, H, L_i) positions, validity or None.
+        probs come back concatenated in the order of the parts."""
+        if len(parts) == 1:
+            k, v, k_pos, valid = parts[0]
+        else:
+            k = torch.cat([p[0] for p in parts], dim=2)
+            v = torch.cat([p[1] for p in parts], dim=2)
+            k_pos = torch.cat([p[2] for p in parts], dim=2)
+            valid = None
+            if any(p[3] is not None for p in parts):
+                valid = torch.cat([torch.ones_like(p[2], dtype=torch.bool) if p[3] is None else p[3]
+                                   for p in parts], dim=2)
         return reference_attention(q, k, v, q_pos, k_pos, valid)
 
     def _start(self, batch, dtype, device):
@@ -130,7 +145,8 @@ class KVCache:
         self.layers = []
         for i in range(c.n_layer):
             layer = Ragged(batch, c.n_head, device, grow_by=self.grow_by)
-            layer.index, layer.n_seen = i, 0
+            layer.index, layer.n_seen, layer.dtype = i, 0, dtype
+            layer.segments = {}  # further stores a method may add (low-bit segments, residuals)
             layer.add_field("k", "keys", (c.n_embd // c.n_head,), dtype)
             layer.add_field("v", "values", (c.n_embd // c.n_head,), dtype)
             layer.add_field("pos", "positions", (), torch.int32)
@@ -143,8 +159,9 @@ class KVCache:
         (scales and zeros), method_state (scores, histories), padding. Sums to memory_bytes()."""
         total = dict.fromkeys(KINDS, 0)
         for layer in self.layers or []:
-            for kind, n in layer.nbytes().items():
-                total[kind] += n
+            for store in (layer, *layer.segments.values()):
+                for kind, n in store.nbytes().items():
+                    total[kind] += n
         for kind, n in self.method.state_nbytes().items():
             total[kind] += n
         return total
@@ -153,17 +170,33 @@ class KVCache:
         """Total bytes the cache holds (every tensor it allocated, all kinds)."""
         return sum(self.memory_breakdown().values())
 
-    def lengths(self, layer_idx: int) -> torch.Tensor:
-        """(B, H) number of tokens each head of the layer keeps."""
-        self._check_started()
-        return self.layers[layer_idx].lengths.clone()
-
-    def kept_positions(self, layer_idx: int, batch: int = 0, head: int = 0) -> torch.Tensor:
-        """Original positions of the tokens kept by one (layer, batch row, head), in storage order."""
+    def _stores_with_positions(self, layer_idx):
         self._check_started()
         layer = self.layers[layer_idx]
-        pos = layer.padded("pos", fill=-1)[batch, head]
-        return pos[: int(layer.lengths[batch, head])].long().clone()
+        return [st for st in (layer, *layer.segments.values()) if "pos" in st.fields]
+
+    def lengths(self, layer_idx: int) -> torch.Tensor:
+        """(B, H) number of tokens each head of the layer keeps (over all its segments; a
+        store whose entries are chunks of tokens, as KIVI's keys, counts every token)."""
+        return sum(st.lengths * math.prod(st.trailing["pos"]) for st in self._stores_with_positions(layer_idx))
+
+    def kept_positions(self, layer_idx: int, batch: int = 0, head: int = 0) -> torch.Tensor:
+        """Original positions of the tokens kept by one (layer, batch row, head), sorted."""
+        return self.kept_precision(layer_idx, batch, head)[0]
+
+    def kept_precision(self, layer_idx: int, batch: int = 0, head: int = 0):
+        """(positions, bits) of the tokens kept by one head, sorted by position; bits is the
+        storage precision of each (the model dtype's bits for full-precision entries)."""
+        self._check_started()
+        full_bits = torch.finfo(self.dtype).bits
+        pos, bits = [], []
+        for st in self._stores_with_positions(layer_idx):
+            n = int(st.lengths[batch, head])
+            pos.append(st.padded("pos", fill=-1)[batch, head, :n].long().flatten())
+            bits.append(torch.full_like(pos[-1], getattr(st, "bits", None) or full_bits))
+        pos, bits = torch.cat(pos), torch.cat(bits)
+        order = torch.argsort(pos)
+        return pos[order], bits[order]
 
     def _check_started(self):
         if self.layers is None:

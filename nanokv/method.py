@@ -38,6 +38,12 @@ def _check_int(name, value, low, high=None, allow_none=False):
         raise ValueError(f"{name} must be {rng}, got {value}")
 
 
+def store_part(store: Ragged, k: str = "k", v: str = "v"):
+    """(keys, values, positions, validity) of a full-precision store, padded (B, H, L, ...)."""
+    valid = None if store.uniform else store.valid_mask()
+    return store.padded(k), store.padded(v), store.padded("pos", fill=-1), valid
+
+
 class Method:
     """Keeps everything (the full cache). Base class of every method."""
 
@@ -71,6 +77,12 @@ class Method:
         self.observe(layer, probs, q)
         self.compress(layer)
         return out
+
+    def gather(self, layer: Ragged) -> list:
+        """What attention reads: a list of parts (k, v, k_pos, valid), padded (B, H, L, ...).
+        By default the layer's own full-precision entries; quantized methods add dequantized
+        segments."""
+        return [store_part(layer)]
 
     @staticmethod
     def append(layer: Ragged, k, v, q_pos):
@@ -132,17 +144,24 @@ class ScoredEviction(Method):
     def keep_mask(self, layer: Ragged, score: torch.Tensor, budget) -> torch.Tensor:
         """(B, H, Lmax) bool: protected entries plus the top-scoring rest, `budget` per head
         (an int, or a (B, H) tensor of per-head budgets)."""
-        B, H, L = score.shape
-        slot = torch.arange(L, device=score.device).expand(B, H, L)
-        n = layer.lengths[:, :, None]  # (B, H, 1) entries per head
-        protected = (slot < self.n_sink) | ((slot >= n - self.window) & (slot < n))
-        s = score.float().masked_fill(protected, float("inf"))
-        s = s.masked_fill(slot >= n, float("-inf"))  # padding is never kept
-        # stable tie-break: flip so that, among equal scores, the later slot comes first
-        order = torch.sort(s.flip(-1), dim=-1, descending=True, stable=True).indices
-        order = L - 1 - order  # (B, H, L) slots from best to worst
-        budget = torch.as_tensor(budget, device=score.device).expand(B, H)
-        rank_ok = torch.arange(L, device=score.device)[None, None, :] < budget[:, :, None]
-        keep = torch.zeros(B, H, L, dtype=torch.bool, device=score.device)
-        keep.scatter_(-1, order, rank_ok)
-        return keep & (slot < n)
+        return top_k_mask(layer.lengths, score, budget, self.n_sink, self.window)
+
+
+def top_k_mask(lengths, score, budget, n_sink: int = 0, window: int = 0) -> torch.Tensor:
+    """Keep mask (B, H, L) of `budget` entries per head: the n_sink oldest and window newest
+    entries of each head, then the best by score; equal scores keep the more recent entry.
+    lengths (B, H) entries per head; score (B, H, L) over the padded slots."""
+    B, H, L = score.shape
+    slot = torch.arange(L, device=score.device).expand(B, H, L)
+    n = lengths[:, :, None]  # (B, H, 1) entries per head
+    protected = (slot < n_sink) | ((slot >= n - window) & (slot < n))
+    s = score.float().masked_fill(protected, float("inf"))
+    s = s.masked_fill(slot >= n, float("-inf"))  # padding is never kept
+    # stable tie-break: flip so that, among equal scores, the later slot comes first
+    order = torch.sort(s.flip(-1), dim=-1, descending=True, stable=True).indices
+    order = L - 1 - order  # (B, H, L) slots from best to worst
+    budget = torch.as_tensor(budget, device=score.device).expand(B, H)
+    rank_ok = torch.arange(L, device=score.device)[None, None, :] < budget[:, :, None]
+    keep = torch.zeros(B, H, L, dtype=torch.bool, device=score.device)
+    keep.scatter_(-1, order, rank_ok)
+    return keep & (slot < n)

@@ -78,23 +78,23 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     per, nbytes = _chunk(bits)
     n = codes.shape[-1]
     pad = (-n) % per
-    c = torch.nn.functional.pad(codes.to(torch.int64), (0, pad)).reshape(*codes.shape[:-1], -1, per)
+    c = torch.nn.functional.pad(codes.to(torch.int64), (0, pad)).reshape(*codes.shape[:-1], (n + pad) // per, per)
     shifts = torch.arange(per, device=codes.device) * bits
     word = (c << shifts).sum(dim=-1)  # (..., chunks) one integer of per*bits bits
     byte_shifts = torch.arange(nbytes, device=codes.device) * 8
     out = (word[..., None] >> byte_shifts) & 0xFF  # (..., chunks, nbytes)
-    return out.to(torch.uint8).reshape(*codes.shape[:-1], -1)
+    return out.to(torch.uint8).flatten(-2)
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of pack: (..., packed_bytes(n, bits)) uint8 -> codes (..., n) uint8."""
     check_bits(bits)
     per, nbytes = _chunk(bits)
-    b = packed.to(torch.int64).reshape(*packed.shape[:-1], -1, nbytes)
+    b = packed.to(torch.int64).reshape(*packed.shape[:-1], packed.shape[-1] // nbytes, nbytes)
     word = (b << (torch.arange(nbytes, device=packed.device) * 8)).sum(dim=-1)
     shifts = torch.arange(per, device=packed.device) * bits
     codes = (word[..., None] >> shifts) & (2**bits - 1)
-    return codes.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
+    return codes.flatten(-2)[..., :n].to(torch.uint8)
 
 
 def quantize_packed(x: torch.Tensor, bits: int, group: int):

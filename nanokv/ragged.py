@@ -44,6 +44,7 @@ class Ragged:
         self.trailing: dict[str, tuple] = {}
         self.kinds: dict[str, str] = {}  # name -> accounting kind (one of KINDS)
         self.fills: dict[str, float] = {}  # value given to new entries a caller does not provide
+        self.quantized: dict[str, tuple] = {}  # name -> (bits, group, dim, dtype) of low-bit fields
 
     # ------------------------------------------------------------------ declaring fields
     def add_field(self, name: str, kind: str, trailing: tuple, dtype: torch.dtype, fill: float = 0.0):
@@ -54,6 +55,31 @@ class Ragged:
         lead = (self.batch, self.heads, self.capacity) if self.uniform else (int(self.lengths.sum()),)
         self.fields[name] = torch.full((*lead, *trailing), fill, dtype=dtype, device=self.lengths.device)
         self.trailing[name], self.kinds[name], self.fills[name] = tuple(trailing), kind, fill
+
+    def add_quantized_field(self, name: str, kind: str, dim: int, bits: int, group: int, dtype: torch.dtype):
+        """A (dim,) field stored as packed `bits`-bit codes plus per-group fp16 scale and zero
+        (nanokv/quant.py): three real tensors name.codes, name.scale, name.zero. `padded(name)`
+        dequantizes to `dtype`, `append(name=x)` quantizes; `keep` moves the three together."""
+        from .quant import check_bits, check_group, packed_bytes
+
+        check_bits(bits)
+        check_group(dim, group)
+        self.add_field(f"{name}.codes", kind, (packed_bytes(dim, bits),), torch.uint8)
+        self.add_field(f"{name}.scale", "quant_meta", (dim // group,), torch.float16)
+        self.add_field(f"{name}.zero", "quant_meta", (dim // group,), torch.float16)
+        self.quantized[name] = (bits, group, dim, dtype)
+
+    def has(self, name: str) -> bool:
+        return name in self.fields or name in self.quantized
+
+    def drop_field(self, name: str):
+        if name in self.quantized:
+            del self.quantized[name]
+            for part in ("codes", "scale", "zero"):
+                self.drop_field(f"{name}.{part}")
+            return
+        for d in (self.fields, self.trailing, self.kinds, self.fills):
+            del d[name]
 
     # ------------------------------------------------------------------ shape helpers
     @property
@@ -86,7 +112,14 @@ class Ragged:
         return slots[None, None, :] < self.lengths[:, :, None]
 
     def padded(self, name: str, fill: float = 0.0) -> torch.Tensor:
-        """Field `name` as (B, H, Lmax, *trailing); a view when lengths are uniform."""
+        """Field `name` as (B, H, Lmax, *trailing); a view when lengths are uniform
+        (a dequantized copy for a low-bit field)."""
+        if name in self.quantized:
+            from .quant import dequantize_packed
+
+            bits, _, dim, dtype = self.quantized[name]
+            return dequantize_packed(self.padded(f"{name}.codes"), self.padded(f"{name}.scale"),
+                                     self.padded(f"{name}.zero"), bits, dim, dtype)
         t = self.fields[name]
         if self.uniform:
             return t[:, :, : self._uniform_len]
@@ -97,15 +130,28 @@ class Ragged:
 
     def flat(self, name: str) -> torch.Tensor:
         """Field `name` as (N, *trailing), entries grouped head by head."""
+        if name in self.quantized:
+            return self.padded(name)[self.valid_mask()]
         return self.padded(name).reshape(-1, *self.trailing[name]) if self.uniform else self.fields[name]
 
     def set_padded(self, name: str, value: torch.Tensor):
         """Write field `name` from a padded (B, H, Lmax, *trailing) tensor (padding ignored)."""
+        if name in self.quantized:
+            for part, value in self._quantize(name, value).items():
+                self.set_padded(part, value)
+            return
         t = self.fields[name]
         if self.uniform:
             t[:, :, : self._uniform_len] = value
         else:
             self.fields[name] = value.to(t.dtype)[self.valid_mask()]
+
+    def _quantize(self, name, value):
+        from .quant import quantize_packed
+
+        bits, group, _, _ = self.quantized[name]
+        codes, scale, zero = quantize_packed(value, bits, group)
+        return {f"{name}.codes": codes, f"{name}.scale": scale, f"{name}.zero": zero}
 
     def _set_lengths(self, lengths: torch.Tensor):
         self.lengths = lengths
@@ -116,9 +162,11 @@ class Ragged:
     def append(self, **new: torch.Tensor):
         """Append T entries to every head. Each given tensor is (B, H, T, *trailing);
         fields not given get their fill value."""
-        unknown = set(new) - set(self.fields)
+        unknown = set(new) - set(self.fields) - set(self.quantized)
         if unknown:
             raise ValueError(f"unknown fields {sorted(unknown)}; fields: {sorted(self.fields)}")
+        for name in [n for n in new if n in self.quantized]:
+            new.update(self._quantize(name, new.pop(name)))
         B, H, T = next(iter(new.values())).shape[:3]
         if self.uniform:
             L, C = self._uniform_len, self.capacity

@@ -1,0 +1,116 @@
+"""
+KIVI (Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache",
+arXiv 2402.02750).
+
+Rule: keys have outlier *channels*, values do not, so
+  - keys are quantized per channel: a group is `group` consecutive tokens of one channel;
+  - values are quantized per token: a group is `group` consecutive channels of one token;
+  - the newest tokens stay in full precision in a residual of up to `residual` tokens:
+      keys   are quantized in chunks: when the key residual reaches R tokens, all R are
+             quantized (R / group per-channel groups) and the residual starts again, so
+             after n tokens the key residual holds n mod R;
+      values are first-in first-out: after each call the value residual holds the newest
+             min(n, R) tokens and older ones are quantized one by one.
+At prefill the same rule applies to the n prompt tokens (keys: n - n mod R quantized;
+values: n - R quantized when n > R), as the official code does. The tokens of the current
+call always attend at full precision (quantization happens after attention).
+Defaults: 2 bits, group 32 (head_dim when smaller), residual 128; the residual must be a
+multiple of the group.
+
+Storage per layer (all heads hold the same tokens; nothing is evicted):
+  segments["kq"]  one entry per chunk of `group` tokens: codes (D, ceil(group*b/8)) packed along
+                  tokens, scale and zero (D,) fp16, positions (group,) int32
+  main store      full-precision key residual: k (D,), pos
+  segments["vq"]  per-token quantized values: codes ceil(D*b/8), scale, zero (D/group,) fp16
+  segments["vr"]  full-precision value residual: v (D,)
+"""
+
+import torch
+
+from ..method import Method
+from ..quant import check_bits, check_group, dequantize_packed, packed_bytes, quantize_packed
+from ..ragged import Ragged
+
+
+class KIVI(Method):
+    name = "kivi"
+    compresses_at = "prefill+decode"
+    takes_budget = False
+    lossy = True  # lossless only while every token sits in the residual (residual > sequence)
+
+    def __init__(self, bits: int = 2, group: int | None = None, residual: int = 128):
+        super().__init__(budget=None)
+        check_bits(bits)
+        for name, value in (("group", group), ("residual", residual)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if group is not None and residual % group != 0:
+            raise ValueError(f"residual ({residual}) must be a multiple of group ({group})")
+        self.bits, self.group, self.residual = bits, group, residual
+
+    def check_config(self, config):
+        D = config.n_embd // config.n_head
+        self.G = self.group or min(32, D)  # the paper's 32, or head_dim when smaller
+        check_group(D, self.G)  # value groups run along channels
+        if self.residual % self.G != 0:
+            raise ValueError(f"residual ({self.residual}) must be a multiple of group ({self.G})")
+
+    def init_layer(self, layer, layer_idx):
+        D, G, b = layer.trailing["k"][0], self.G, self.bits
+        dtype = layer.fields["k"].dtype
+        kq = Ragged(layer.batch, layer.heads, layer.lengths.device, grow_by=max(1, layer.grow_by // G))
+        kq.bits = b
+        kq.add_field("codes", "keys", (D, packed_bytes(G, b)), torch.uint8)
+        kq.add_field("scale", "quant_meta", (D,), torch.float16)
+        kq.add_field("zero", "quant_meta", (D,), torch.float16)
+        kq.add_field("pos", "positions", (G,), torch.int32)
+        vq = Ragged(layer.batch, layer.heads, layer.lengths.device, grow_by=layer.grow_by)
+        vq.add_quantized_field("v", "values", D, b, G, dtype)
+        vr = Ragged(layer.batch, layer.heads, layer.lengths.device, grow_by=layer.grow_by)
+        vr.add_field("v", "values", (D,), dtype)
+        layer.segments.update(kq=kq, vq=vq, vr=vr)
+        layer.drop_field("v")  # the main store is the key residual
+
+    def attend(self, cache, layer, q, k, v, q_pos):
+        B, H, T, D = q.shape
+        layer.append(k=k, pos=q_pos.to(torch.int32).expand(B, H, T))
+        layer.segments["vr"].append(v=v)
+        out, _ = cache.attention(q, layer, q_pos)
+        self.compress(layer)
+        return out
+
+    def gather(self, layer):
+        kq, vq, vr = layer.segments["kq"], layer.segments["vq"], layer.segments["vr"]
+        dtype, G, D = layer.dtype, self.G, layer.trailing["k"][0]
+        B, H, C = kq.batch, kq.heads, kq.max_len  # C chunks of G tokens per head
+        codes = kq.padded("codes")  # (B, H, C, D, bytes)
+        k_old = dequantize_packed(codes, kq.padded("scale")[..., None], kq.padded("zero")[..., None],
+                                  self.bits, G, dtype)  # (B, H, C, D, G)
+        k_old = k_old.transpose(-1, -2).reshape(B, H, C * G, D)  # token order within each chunk
+        v_old = vq.padded("v")
+        k = torch.cat([k_old, layer.padded("k")], dim=2)
+        v = torch.cat([v_old, vr.padded("v")], dim=2)
+        pos = torch.cat([kq.padded("pos").reshape(B, H, C * G), layer.padded("pos")], dim=2)
+        return [(k, v, pos, None)]
+
+    def compress(self, layer):
+        B, H, R, G = layer.batch, layer.heads, self.residual, self.G
+        n_k = (layer.max_len // R) * R  # keys: quantize whole residuals of R tokens
+        if n_k:
+            keys = layer.padded("k")[:, :, :n_k].float()  # (B, H, n_k, D)
+            chunks = keys.reshape(B, H, n_k // G, G, keys.size(-1)).transpose(-1, -2)  # (B, H, c, D, G)
+            codes, scale, zero = quantize_packed(chunks, self.bits, G)  # one group per (chunk, channel)
+            pos = layer.padded("pos")[:, :, :n_k].reshape(B, H, n_k // G, G)
+            layer.segments["kq"].append(codes=codes, scale=scale[..., 0], zero=zero[..., 0], pos=pos)
+            layer.keep(self._drop_oldest(layer, n_k))
+        vr, vq = layer.segments["vr"], layer.segments["vq"]
+        n_v = max(0, vr.max_len - R)  # values: first in, first out
+        if n_v:
+            vq.append(v=vr.padded("v")[:, :, :n_v])
+            vr.keep(self._drop_oldest(vr, n_v))
+
+    @staticmethod
+    def _drop_oldest(store, n):
+        mask = torch.ones(store.batch, store.heads, store.max_len, dtype=torch.bool, device=store.lengths.device)
+        mask[:, :, :n] = False
+        return mask
