@@ -14,6 +14,7 @@ from .methods.kivi import KIVI
 from .methods.knorm import KeyNorm
 from .methods.mikv import MiKV
 from .methods.pyramidkv import PyramidKV
+from .methods.quantized import Quantized
 from .methods.rtn import RTN
 from .methods.scissorhands import Scissorhands
 from .methods.snapkv import SnapKV
@@ -24,7 +25,7 @@ from .methods.tova import TOVA
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
     for cls in (FullCache, StreamingLLM, H2O, TOVA, Scissorhands, SnapKV, PyramidKV, AdaKV, KeyNorm,
-                RTN, KIVI, MiKV)
+                RTN, KIVI, MiKV, Quantized)
 }
 
 

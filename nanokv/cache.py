@@ -51,7 +51,7 @@ def reference_attention(q, k, v, q_pos, k_pos, valid=None):
 
 
 class KVCache:
-    def __init__(self, config, method="full", backend: str = "torch", grow_by: int = 64, **method_kwargs):
+    def __init__(self, config, method="full", backend: str = "torch", grow_by: int = 16, **method_kwargs):
         """config: the model's GPTConfig. method: a name from nanokv.METHODS (built with
         method_kwargs) or a Method instance. backend: "torch" (the reference) or "triton".
         grow_by: when a layer's heads all hold the same number of tokens, its buffers grow
@@ -169,6 +169,28 @@ class KVCache:
     def memory_bytes(self) -> int:
         """Total bytes the cache holds (every tensor it allocated, all kinds)."""
         return sum(self.memory_breakdown().values())
+
+    def compression_report(self) -> dict:
+        """Size of what the cache holds next to a full cache of the same tokens.
+
+        elements        keys + values a full cache would hold: 2 * n_layer * B * H * seq_len * D
+        kv_bytes        keys + values + quantization metadata actually held
+        bits_per_element  8 * kv_bytes / elements
+        fraction_of_full  kv_bytes / (elements * bytes of the model dtype)
+        fraction_of_fp16  kv_bytes / (elements * 2), as the quantization papers report
+        positions, method_state, padding: reported beside, not in the fractions
+        """
+        b = self.memory_breakdown()
+        c = self.config
+        elements = 2 * c.n_layer * (self.batch_size if self.layers else 0) * c.n_head * self.seq_len * (c.n_embd // c.n_head)
+        kv = b["keys"] + b["values"] + b["quant_meta"]
+        dtype_bytes = torch.finfo(self.dtype).bits // 8 if self.layers else 2
+        return {"elements": elements, "kv_bytes": kv,
+                "bits_per_element": 8 * kv / elements if elements else 0.0,
+                "fraction_of_full": kv / (elements * dtype_bytes) if elements else 0.0,
+                "fraction_of_fp16": kv / (elements * 2) if elements else 0.0,
+                "positions": b["positions"], "method_state": b["method_state"], "padding": b["padding"],
+                "total_bytes": sum(b.values())}
 
     def _stores_with_positions(self, layer_idx):
         self._check_started()

@@ -34,7 +34,7 @@ KINDS = ("keys", "values", "positions", "quant_meta", "method_state", "padding")
 
 
 class Ragged:
-    def __init__(self, batch: int, heads: int, device, grow_by: int = 64):
+    def __init__(self, batch: int, heads: int, device, grow_by: int = 16):
         self.lengths = torch.zeros(batch, heads, dtype=torch.long, device=device)  # (B, H)
         self.grow_by = grow_by
         # plain-int summary of `lengths`, kept in step with it (saves a tensor reduction per call)
