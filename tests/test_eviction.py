@@ -221,7 +221,10 @@ def test_budget_holds_and_positions_aligned(name):
     pos = store.padded("pos", fill=0).long()  # (B, H, L)
     expect = torch.gather(full.layers[0].padded("k"), 2, pos[..., None].expand(-1, -1, -1, 16))
     valid = store.valid_mask()
-    assert torch.allclose(store.padded("k")[valid], expect[valid], atol=1e-5)
+    tol = 1e-5
+    if "k" in store.quantized:  # stored at low bits: within half a quantization step
+        tol = store.padded("k.scale").float()[valid] / 2 + 1e-3 * expect.abs().max()  # one group of 16
+    assert ((store.padded("k")[valid] - expect[valid]).abs() <= tol).all()
 
 
 def test_pyramid_budgets_mean_and_order():
