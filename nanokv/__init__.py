@@ -8,6 +8,9 @@
 from .cache import KVCache, reference_attention
 from .method import Method, ScoredEviction
 from .methods.adakv import AdaKV
+from .methods.cam import CaM
+from .methods.d2o import D2O
+from .methods.ems import EMS
 from .methods.full import FullCache
 from .methods.h2o import H2O
 from .methods.kivi import KIVI
@@ -25,7 +28,7 @@ from .methods.tova import TOVA
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
     for cls in (FullCache, StreamingLLM, H2O, TOVA, Scissorhands, SnapKV, PyramidKV, AdaKV, KeyNorm,
-                RTN, KIVI, MiKV, Quantized)
+                RTN, KIVI, MiKV, Quantized, CaM, D2O, EMS)
 }
 
 

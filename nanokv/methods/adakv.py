@@ -37,22 +37,27 @@ class AdaKV(SnapKV):
 
     def select(self, layer, score):
         B, H, L = score.shape
-        w, past = self.window, self.budget - self.window
-        P = L - w  # prompt tokens before the window
-        floor = math.floor(self.alpha * past)
-        s = score[:, :, :P].float()  # (B, H, P)
-        # each head's own top `floor` (ties: the later position first)
-        order = P - 1 - torch.sort(s.flip(-1), dim=-1, descending=True, stable=True).indices
-        guaranteed = torch.zeros_like(s, dtype=torch.bool)
-        guaranteed.scatter_(-1, order[:, :, :floor], True)
-        # the rest of the layer's budget goes to the best remaining entries of all heads;
-        # flatten position-major, newest first, heads in order, so a stable sort breaks ties
-        # by (later position, lower head)
-        rest = s.masked_fill(guaranteed, float("-inf")).flip(-1).transpose(1, 2).reshape(B, P * H)
-        top = torch.sort(rest, dim=-1, descending=True, stable=True).indices[:, : H * (past - floor)]
-        picked = torch.zeros(B, P * H, dtype=torch.bool, device=s.device)
-        picked.scatter_(-1, top, True)
-        picked = picked.view(B, P, H).transpose(1, 2).flip(-1)  # back to (B, H, P)
-        keep = torch.ones(B, H, L, dtype=torch.bool, device=s.device)  # the window is kept
-        keep[:, :, :P] = guaranteed | picked
+        P = L - self.window  # prompt tokens before the window
+        keep = torch.ones(B, H, L, dtype=torch.bool, device=score.device)  # the window is kept
+        keep[:, :, :P] = headwise_topk(score[:, :, :P], self.budget - self.window, self.alpha)
         return keep
+
+
+def headwise_topk(s, per_head: int, alpha: float):
+    """Ada-KV's selection over the heads of a layer. s (B, H, P) scores -> (B, H, P) bool
+    choosing H * per_head entries per batch row: each head's own top floor(alpha * per_head),
+    then the best of all remaining entries of all heads. Ties: later position, then lower head."""
+    B, H, P = s.shape
+    floor = math.floor(alpha * per_head)
+    s = s.float()
+    order = P - 1 - torch.sort(s.flip(-1), dim=-1, descending=True, stable=True).indices
+    guaranteed = torch.zeros_like(s, dtype=torch.bool)
+    guaranteed.scatter_(-1, order[:, :, :floor], True)
+    # flatten position-major, newest first, heads in order, so a stable sort breaks ties
+    # by (later position, lower head)
+    rest = s.masked_fill(guaranteed, float("-inf")).flip(-1).transpose(1, 2).reshape(B, P * H)
+    top = torch.sort(rest, dim=-1, descending=True, stable=True).indices[:, : H * (per_head - floor)]
+    picked = torch.zeros(B, P * H, dtype=torch.bool, device=s.device)
+    picked.scatter_(-1, top, True)
+    picked = picked.view(B, P, H).transpose(1, 2).flip(-1)  # back to (B, H, P)
+    return guaranteed | picked

@@ -1,0 +1,65 @@
+"""
+CaM: Cache Merging (Zhang et al. 2024, "CaM: Cache Merging for Memory-efficient LLMs
+Inference", ICML 2024).
+
+Rule: on top of an eviction policy (here H2O's: accumulated attention plus a recent window),
+a token e about to be evicted first hands its value to the tokens after it. With A the
+accumulated attention and W the next `m` kept tokens after e (fewer at the end of the cache),
+    p_e = clamp(A[e] / mean over j in W of A[j], 0, max_prob)
+    z_e ~ Bernoulli(p_e)
+    v_j += z_e * v_e / |W|          for every j in W
+then (k_e, v_e) are dropped. Keys are never merged. m defaults to 16 (the official
+generation code); max_prob = 0 turns merging off and leaves exactly the eviction policy.
+
+Choices: the eviction policy is H2O's (the official code's sinks + recent window is H2O with
+recent = budget - n_sink and no heavy hitters); W counts kept tokens only, as kvpress does;
+contributions of several evicted tokens add up (A is not changed by merging). The Bernoulli
+draws are seeded and stateless: each call uses a generator seeded from (seed, layer, tokens
+seen), so runs, clones and batch rows are reproducible.
+"""
+
+import torch
+
+from .h2o import H2O
+
+
+class CaM(H2O):
+    name = "cam"
+    merges = True  # stored values (and keys for D2O) are mixtures of tokens
+
+    def __init__(self, budget: int, recent: int | None = None, n_sink: int = 0, m: int = 16,
+                 max_prob: float = 1.0, seed: int = 0):
+        super().__init__(budget, recent=recent, n_sink=n_sink)
+        if not isinstance(m, int) or m < 1:
+            raise ValueError(f"m (merge window) must be an int >= 1, got {m!r}")
+        if not 0.0 <= max_prob <= 1.0:
+            raise ValueError(f"max_prob must be in [0, 1], got {max_prob!r}")
+        self.m, self.max_prob, self.seed = m, float(max_prob), seed
+
+    def compress(self, layer):
+        if layer.max_len <= self.budget:
+            return
+        keep = self.keep_mask(layer, self.score(layer), self.budget)  # (B, H, L)
+        if self.max_prob > 0:
+            self.merge_values(layer, keep)
+        layer.keep(keep)
+
+    def merge_values(self, layer, keep):
+        B, H, L = keep.shape
+        valid = layer.valid_mask()
+        evicted = valid & ~keep
+        acc = layer.padded("acc").float()  # (B, H, L) A[j]
+        # W[e, j]: j is one of the next m kept tokens after e
+        kept_rank = torch.cumsum(keep.long(), dim=-1)  # number of kept slots up to and including j
+        after = kept_rank[:, :, None, :] - kept_rank[:, :, :, None]  # kept tokens in (e, j]
+        W = keep[:, :, None, :] & (after >= 1) & (after <= self.m)  # (B, H, L_e, L_j)
+        W = W & evicted[:, :, :, None]
+        size = W.sum(dim=-1)  # (B, H, L_e)
+        mean_a = (W * acc[:, :, None, :]).sum(dim=-1) / size.clamp(min=1)
+        p = torch.where(mean_a > 0, acc / mean_a.clamp(min=1e-30), (acc > 0).float())
+        p = p.clamp(0.0, self.max_prob) * (size > 0)
+        g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + layer.index * 10_007 + layer.n_seen)
+        z = (torch.rand(B, H, L, generator=g) < p.cpu()).to(p.device)
+        share = (W * (z / size.clamp(min=1))[..., None]).to(layer.dtype)  # (B, H, L_e, L_j)
+        v = layer.padded("v")
+        layer.set_padded("v", v + share.transpose(-1, -2) @ v)

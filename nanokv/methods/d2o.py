@@ -1,0 +1,86 @@
+"""
+D2O: Dynamic Discriminative Operations (Wan et al. 2024, "D2O: Dynamic Discriminative
+Operations for Efficient Long-Context Inference of Large Language Models", arXiv 2406.13035).
+
+Rule: H2O's eviction (accumulated attention F, a recent window, and `n_sink` protected first
+tokens [4]), plus a compensation step: every evicted token e is matched to its most similar
+kept token c* by key cosine similarity,
+    s_e = max over kept c of cos(k_e, k_c),      c*(e) = argmax
+and merged into it when s_e reaches a threshold tau tracked as an exponential moving average
+    tau = mean(s) at the layer's first eviction, then tau <- alpha * tau + beta * mean(s)
+(alpha = beta = 0.5; the mean is over the call's evicted tokens of all heads). Keys and values
+of c* become the mean of the center and its weighted members (the official code's
+scatter-mean including the center itself):
+    k_c <- (k_c + sum over e->c of s_e * k_e) / (1 + |{e -> c}|),   v_c likewise.
+`threshold` fixes tau instead (threshold=inf never merges: exactly H2O with its sinks).
+
+Choices: the decision is made per head (the official code averages s_e over heads, which
+only makes sense when all heads evict the same tokens); tau is per layer, kept in fp32.
+Not implemented: the optional per-layer budgets from attention variance (layers get the
+same budget here).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .h2o import H2O
+
+
+class D2O(H2O):
+    name = "d2o"
+    merges = True  # stored values (and keys for D2O) are mixtures of tokens
+
+    def __init__(self, budget: int, recent: int | None = None, n_sink: int = 4, alpha: float = 0.5,
+                 beta: float = 0.5, threshold: float | None = None):
+        super().__init__(budget, recent=recent, n_sink=n_sink)
+        for name, value in (("alpha", alpha), ("beta", beta)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+        if threshold is not None and not (isinstance(threshold, (int, float)) and (threshold >= -1 or math.isinf(threshold))):
+            raise ValueError(f"threshold must be None (EMA) or a number >= -1, got {threshold!r}")
+        self.alpha, self.beta, self.threshold = float(alpha), float(beta), threshold
+        self.tau: dict[int, float] = {}  # layer -> EMA threshold
+
+    @classmethod
+    def scaled(cls, budget, **kwargs):
+        kwargs.setdefault("n_sink", min(4, budget // 4))
+        return cls(budget=budget, **kwargs)
+
+    def compress(self, layer):
+        if layer.max_len <= self.budget:
+            return
+        keep = self.keep_mask(layer, self.score(layer), self.budget)
+        if self.threshold is None or not math.isinf(self.threshold):
+            self.merge(layer, keep)
+        layer.keep(keep)
+
+    def merge(self, layer, keep):
+        evicted = layer.valid_mask() & ~keep  # (B, H, L)
+        k, v = layer.padded("k").float(), layer.padded("v").float()
+        kn = F.normalize(k, dim=-1)
+        cos = kn @ kn.transpose(-1, -2)  # (B, H, L_e, L_c)
+        cos = cos.masked_fill(~keep[:, :, None, :], float("-inf"))
+        s, center = cos.max(dim=-1)  # (B, H, L_e)
+        if not evicted.any():
+            return
+        mean_s = s[evicted].mean().item()
+        if self.threshold is not None:
+            tau = self.threshold
+        elif layer.index not in self.tau:
+            tau = mean_s
+        else:
+            tau = self.alpha * self.tau[layer.index] + self.beta * mean_s
+        if self.threshold is None:
+            self.tau[layer.index] = tau
+        merge = evicted & (s >= tau)  # (B, H, L_e)
+        w = torch.where(merge, s, torch.zeros_like(s))  # weight s_e of each merged token
+        onehot = F.one_hot(center, k.size(2)).float() * merge[..., None]  # (B, H, L_e, L_c)
+        count = 1 + onehot.sum(dim=2)  # (B, H, L_c) the center plus its members
+        wk = (onehot * w[..., None]).transpose(-1, -2)  # (B, H, L_c, L_e)
+        layer.set_padded("k", ((k + wk @ k) / count[..., None]).to(layer.dtype))
+        layer.set_padded("v", ((v + wk @ v) / count[..., None]).to(layer.dtype))
+
+    def reset(self):
+        self.tau = {}
