@@ -7,7 +7,9 @@ far back in its context (the skill KV-cache compression can destroy).
     python train_tiny.py --resume out/tiny.pt     # continue a run
 
 Each batch mixes natural text with synthetic retrieval episodes (nanokv/episodes.py):
-passkey (needle in a haystack) and line retrieval. The loss weights the answer tokens
+passkey (needle in a haystack) and line retrieval, plus `--repeat-ratio` rows of a random
+string repeated (pure copying, which makes induction heads form early). Of the rows that are
+not repeats, `--episode-ratio` are episodes. The loss weights the answer tokens
 `--answer-weight` times the others. Batch lengths are drawn from `--curriculum` (short
 sequences make the copy mechanism form sooner). The learning rate warms up linearly, then
 follows a cosine down to `--min-lr-frac` of its peak.
@@ -31,7 +33,7 @@ from tqdm import tqdm
 
 from gpt import GPT, GPTConfig
 from nanokv.corpus import builtin_text, corpus_info, file_text
-from nanokv.episodes import exact_match, make_episode, words_from
+from nanokv.episodes import exact_match, make_episode, repeat_row, words_from
 from nanokv.tokenizer import get_tokenizer
 
 
@@ -54,6 +56,8 @@ def get_args(argv=None):
     p.add_argument("--gpt2-dir", help="offline GPT-2 tokenizer files (else $NANOKV_GPT2_DIR or download)")
     p.add_argument("--episode-ratio", type=float, default=0.5, help="fraction of rows that are episodes")
     p.add_argument("--lines-share", type=float, default=0.5, help="fraction of episodes that are line retrieval")
+    p.add_argument("--repeat-ratio", type=float, default=0.2,
+                   help="fraction of rows that are a random string repeated (a copy warm-up, see nanokv.episodes.repeat_row)")
     p.add_argument("--answer-weight", type=float, default=10.0)
     p.add_argument("--curriculum", default="128,256,512,512", help="batch lengths drawn uniformly")
     p.add_argument("--eval-interval", type=int, default=500)
@@ -70,7 +74,7 @@ def get_args(argv=None):
 
 
 def check_args(args):
-    for name in ("episode_ratio", "lines_share"):
+    for name in ("episode_ratio", "lines_share", "repeat_ratio"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if args.steps < 1 or args.batch_size < 1:
@@ -102,7 +106,9 @@ class Data:
         xs, ws = [], []
         for _ in range(args.batch_size):
             w = [1.0] * T
-            if rng.random() < args.episode_ratio:
+            if rng.random() < args.repeat_ratio:
+                seq = repeat_row(rng, self.tok, T + 1)
+            elif rng.random() < args.episode_ratio:
                 kind = "lines" if rng.random() < args.lines_share else "passkey"
                 ep = make_episode(kind, rng, self.tok, self.train, self.words["train"], T + 1)
                 seq = ep.prompt + ep.answer

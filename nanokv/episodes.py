@@ -90,7 +90,9 @@ def lines_episode(rng: random.Random, tok, filler: list[int], words: list[str], 
     keys, values, lines = [], set(), []
     budget = length - 4 - len(tok.encode(LINES_QUESTION.format(key="x" * 8))) - 6  # room for question
     used = 0
-    while True:
+    if len(set(words)) < 2:
+        raise ValueError("line retrieval needs at least two distinct key words in the text")
+    while len(keys) < len(set(words)):  # until the budget is full or the words run out
         key = rng.choice(words)
         value = str(rng.randint(10000, 99999))
         if key in keys or value in values:
@@ -120,6 +122,16 @@ def lines_episode(rng: random.Random, tok, filler: list[int], words: list[str], 
             needle_start = len(context)
         context += line
     return Episode("lines", context + question, answer, value, len(context), needle_start, depth)
+
+
+def repeat_row(rng: random.Random, tok, length: int, lo: int = 6, hi: int = 40) -> list[int]:
+    """A training aid, not an evaluation task: a random string of lo..hi digits and letters,
+    repeated to fill `length` tokens. Every repetition after the first is predictable only by
+    copying, which makes induction ("copy what followed last time") heads form quickly."""
+    chars = "0123456789abcdefghijklmnopqrstuvwxyz"
+    unit = "".join(rng.choice(chars) for _ in range(rng.randint(lo, hi))) + " "
+    ids = tok.encode(unit * (length // len(tok.encode(unit)) + 2))
+    return ids[:length]
 
 
 def make_episode(kind: str, rng, tok, filler, words, length, depth=None) -> Episode:

@@ -54,6 +54,7 @@ def test_export_is_half_and_loads(tmp_path):
 @pytest.mark.parametrize("argv, match", [
     (["--episode-ratio", "1.5"], r"--episode-ratio must be in \[0, 1\]"),
     (["--lines-share", "-0.1"], r"--lines-share must be in \[0, 1\]"),
+    (["--repeat-ratio", "2"], r"--repeat-ratio must be in \[0, 1\]"),
     (["--curriculum", "256"], r"--curriculum lengths must be in \[96, --block-size=128\]"),
     (["--steps", "0"], r"--steps and --batch-size must be >= 1"),
 ])
@@ -110,6 +111,17 @@ def test_episodes_deterministic_exact_length_and_unique_answer(ingredients, kind
         assert tok.decode(a.answer) == " " + a.answer_text
         ctx = tok.decode(a.prompt[:a.context_len])
         assert a.answer_text in ctx  # the fact is in the context, before the question
+
+
+def test_repeat_rows_are_periodic_and_seeded(ingredients):
+    from nanokv.episodes import repeat_row
+
+    tok = ingredients[0]
+    a, b = repeat_row(random.Random(3), tok, 200), repeat_row(random.Random(3), tok, 200)
+    assert a == b and len(a) == 200
+    text = tok.decode(a)
+    unit = text.split(" ")[0] + " "
+    assert text == (unit * 200)[:200]
 
 
 def test_passkey_depth_is_honoured(ingredients):
