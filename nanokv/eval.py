@@ -3,6 +3,7 @@ Evaluate KV-cache methods on the same work: retrieval accuracy, perplexity and m
 
     python -m nanokv.eval                                   # quick comparison on the tiny model
     python -m nanokv.eval --methods h2o,snapkv,ems --budgets 2%,5%,10% --tasks passkey --samples 50
+    python -m nanokv.eval --methods "mikv(bits_lo=3),mikv(balancer=False)" --tasks lines
 
 Tasks
   passkey   needle-in-a-haystack exact match at the model's full context, needle at any depth
@@ -22,6 +23,7 @@ results.jsonl (one row per method x budget x task), summary.md (a markdown table
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -51,6 +53,40 @@ def parse_budget(text: str, context: int) -> int:
     if not 1 <= value <= context:
         raise ValueError(f"budget {text!r} = {value} tokens must be in [1, context={context}]")
     return value
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """'mikv' -> ('mikv', {}); 'mikv(bits_lo=3,balancer=False)' -> ('mikv', {...})."""
+    spec = spec.strip()
+    name, _, rest = spec.partition("(")
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid methods: {sorted(METHODS)}")
+    kwargs = {}
+    if rest:
+        if not rest.endswith(")"):
+            raise ValueError(f"method spec {spec!r} must look like name(key=value,...)")
+        for item in filter(None, rest[:-1].split(",")):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ValueError(f"method spec {spec!r}: {item!r} is not key=value")
+            try:
+                kwargs[key.strip()] = ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError):
+                kwargs[key.strip()] = value.strip()  # a bare word, e.g. inner=h2o
+    return name, kwargs
+
+
+def split_methods(text: str) -> list[str]:
+    """Split a comma list of method specs, keeping commas inside parentheses."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [m for m in out + [cur] if m.strip()]
 
 
 def make_factory(config, name: str, budget: int | None, **kwargs):
@@ -108,16 +144,17 @@ def run(args) -> list[dict]:
     text = file_text(args.text, "val") if args.text else builtin_text("val")
     rows = []
     plan = []
-    for name in args.methods:
+    for spec in args.methods:
+        name, kwargs = parse_method(spec)
         budgets = [parse_budget(b, context) for b in args.budgets] if METHODS[name].takes_budget else [None]
         for budget in budgets:
             for task in args.tasks:
-                plan.append((name, budget, task))
+                plan.append((spec, name, kwargs, budget, task))
     eps = {k: episodes(model, k, args.samples, context, text, args.seed) for k in ("passkey", "lines") if k in args.tasks}
-    for name, budget, task in tqdm(plan, desc="eval", disable=args.quiet):
-        factory = make_factory(model.config, name, budget)
+    for spec, name, kwargs, budget, task in tqdm(plan, desc="eval", disable=args.quiet):
+        factory = make_factory(model.config, name, budget, **kwargs)
         t0 = time.time()
-        row = {"method": name, "budget": budget, "budget_frac": None if budget is None else budget / context,
+        row = {"method": spec, "budget": budget, "budget_frac": None if budget is None else budget / context,
                "task": task, "protocol": None, "samples": args.samples}
         if task == "ppl":
             row["value"] = perplexity(model, factory, text, context - 1, max(1, args.samples // 10), args.seed)
@@ -155,12 +192,11 @@ def get_args(argv=None):
     p.add_argument("--out", default="runs/eval")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    args.methods = [m for m in args.methods.split(",") if m]
+    args.methods = split_methods(args.methods)
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.budgets = [b for b in args.budgets.split(",") if b]
-    bad = [m for m in args.methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"unknown methods {bad}; valid methods: {sorted(METHODS)}")
+    for spec in args.methods:
+        parse_method(spec)
     bad = [t for t in args.tasks if t not in TASKS]
     if bad:
         raise ValueError(f"unknown tasks {bad}; valid tasks: {list(TASKS)}")

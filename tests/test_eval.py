@@ -20,7 +20,7 @@ def ckpt(tmp_path_factory):
 
 def test_cli_runs_and_writes_every_file(ckpt, tmp_path):
     out = tmp_path / "run"
-    rows = nkeval.main(["--model", ckpt, "--methods", "full,h2o,ems,mikv", "--budgets", "10%,64",
+    rows = nkeval.main(["--model", ckpt, "--methods", "full,h2o,ems,mikv(bits_lo=3)", "--budgets", "10%,64",
                         "--tasks", "passkey,lines,ppl", "--samples", "2", "--out", str(out), "--quiet"])
     assert {p.name for p in out.iterdir()} == {"config.json", "results.jsonl", "summary.md"}
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
@@ -44,13 +44,21 @@ def test_full_budget_perplexity_equals_full_cache(ckpt):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--methods", "full,h3o"], r"unknown methods \['h3o'\]; valid methods: \[.*'full'"),
+    (["--methods", "full,h3o"], r"unknown method 'h3o'; valid methods: \[.*'full'"),
+    (["--methods", "mikv(rho)"], r"'rho' is not key=value"),
     (["--tasks", "qa"], r"unknown tasks \['qa'\]; valid tasks"),
     (["--samples", "0"], r"--samples must be >= 1"),
 ])
 def test_bad_arguments(argv, match):
     with pytest.raises(ValueError, match=match):
         nkeval.get_args(argv)
+
+
+def test_method_specs():
+    assert nkeval.split_methods("full,mikv(bits_lo=3,balancer=False),quantized(inner=h2o)") == [
+        "full", "mikv(bits_lo=3,balancer=False)", "quantized(inner=h2o)"]
+    assert nkeval.parse_method("mikv(bits_lo=3,balancer=False)") == ("mikv", {"bits_lo": 3, "balancer": False})
+    assert nkeval.parse_method("quantized(inner=h2o)") == ("quantized", {"inner": "h2o"})
 
 
 def test_bad_budget_and_missing_text(tmp_path):
