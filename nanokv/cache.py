@@ -38,8 +38,7 @@ def reference_attention(q, k, v, q_pos, k_pos, valid=None):
     Returns out (B, H, T, D) in q's dtype and probs (B, H, T, L) in fp32 (the scores every
     eviction method reads). Probabilities are computed in fp32 whatever the model dtype.
     """
-    scale = 1.0 / math.sqrt(q.size(-1))
-    att = (q @ k.transpose(-2, -1)).float() * scale  # (B, H, T, L)
+    att = ((q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)).float()  # (B, H, T, L)
     if q.size(2) > 1 or valid is not None:  # a single newest query sees every stored entry
         mask = k_pos[:, :, None, :] <= q_pos[None, None, :, None]  # (B, H, T, L)
         if valid is not None:

@@ -64,9 +64,6 @@ class Method:
     # ------------------------------------------------------------------ hooks
     def check_config(self, config):
         """Reject parameters that cannot work with this model (called by KVCache)."""
-        if self.budget is not None and self.budget > config.block_size:
-            # not an error for correctness, but almost always a mistake in an experiment
-            pass
 
     def init_layer(self, layer: Ragged, layer_idx: int):
         """Declare per-token fields (layer.add_field) this method keeps."""
