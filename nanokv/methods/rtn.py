@@ -16,7 +16,7 @@ Memory per token and head: 2 * (ceil(D * b / 8) + 4 * D / group) bytes + 4 bytes
 import torch
 
 from ..method import Method, store_part
-from ..quant import check_bits
+from ..quant import check_bits, check_group
 from ..ragged import Ragged
 
 
@@ -33,6 +33,9 @@ class RTN(Method):
             raise ValueError(f"group must be None or a positive int, got {group!r}")
         self.bits, self.group = bits, group
 
+    def check_config(self, config):
+        check_group(config.n_embd // config.n_head, self.group or min(32, config.n_embd // config.n_head))
+
     def init_layer(self, layer, layer_idx):
         D = layer.trailing["k"][0]
         q = Ragged(layer.batch, layer.heads, layer.lengths.device, grow_by=layer.grow_by)
@@ -41,11 +44,6 @@ class RTN(Method):
             q.add_quantized_field(name, kind, D, self.bits, self.group or min(32, D), layer.dtype)
         q.add_field("pos", "positions", (), torch.int32)
         layer.segments["q"] = q
-
-    def check_config(self, config):
-        from ..quant import check_group
-
-        check_group(config.n_embd // config.n_head, self.group or min(32, config.n_embd // config.n_head))
 
     def gather(self, layer):
         return [store_part(layer.segments["q"]), store_part(layer)]

@@ -17,7 +17,6 @@ avg pooling counts the zero padding (count_include_pad=True, as torch's default 
 official code). A prompt no longer than the budget is not compressed.
 """
 
-import torch
 import torch.nn.functional as F
 
 from ..method import ScoredEviction, _check_int
