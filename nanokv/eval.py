@@ -1,23 +1,32 @@
 """
-Evaluate KV-cache methods on the same work: retrieval accuracy, perplexity and memory.
+Evaluate KV-cache methods on the same work: retrieval, perplexity, attention loss and memory.
 
-    python -m nanokv.eval                                   # quick comparison on the tiny model
+    python -m nanokv.eval                                   # quick comparison, tiny model, < 3 min
     python -m nanokv.eval --methods h2o,snapkv,ems --budgets 2%,5%,10% --tasks passkey --samples 50
     python -m nanokv.eval --methods "mikv(bits_lo=3),mikv(balancer=False)" --tasks lines
 
-Tasks
-  passkey   needle-in-a-haystack exact match at the model's full context, needle at any depth
-  lines     line retrieval (MiKV's task) exact match
-  ppl       prefill-then-continue perplexity: the first half of a held-out text is prefilled
-            (and compressed), the second half is read through the cache one token at a time
-Protocols for retrieval (named in every result): "agnostic" [default] prefills the context,
-lets the method compress it, then feeds the question as a continuation chunk; "aware"
-prefills context and question at once.
+Tasks (every row names its protocol)
+  passkey      needle-in-a-haystack exact match at the model's full context, needle at any depth
+  lines        line retrieval (MiKV's task) exact match
+  needle       passkey over a grid of context lengths x needle depths (a heatmap); the budget is
+               the same fraction of every length
+  ppl          perplexity of the second half of held-out windows. protocol "stream": the first
+               half is read token by token too, so decode-time methods compress as they go (the
+               H2O / Scissorhands protocol); "prefill": the first half is prefilled (and
+               compressed) at once. Methods that compress only at prefill always use "prefill".
+  attn         attention loss over the same windows: the attention mass the full cache would put
+               on tokens the method no longer holds, and each layer's relative output error
+               (nanokv/probe.py)
+  persistence  Scissorhands' persistence ratio per layer, this model against a random one
+Retrieval protocols: "agnostic" [default] prefills the context, lets the method compress it,
+then feeds the question as a continuation chunk; "aware" prefills context and question at once.
+Every row also carries the memory of the method after reading a full context: bytes held (by
+kind), bits per element, fraction of the full cache, and the peak held during the prefill.
 
-Budgets are absolute tokens ("64") or a percentage of the context ("5%"). Windows and sinks
-are scaled to small budgets by each method's `scaled(budget)`. Methods without a budget
-(full, rtn, kivi, mikv) run once with their defaults. Output: a folder with config.json,
-results.jsonl (one row per method x budget x task), summary.md (a markdown table).
+Budgets are absolute tokens ("64") or a percentage of the context ("5%"). Windows and sinks are
+scaled to small budgets by each method's `scaled(budget)`. Methods without a budget (full, rtn,
+kivi, mikv) run once with their defaults. Output folder: config.json, samples.jsonl (one line
+per episode or window), summary.json (one row per method x budget x task), summary.md, *.png.
 """
 
 from __future__ import annotations
@@ -36,11 +45,14 @@ from tqdm import tqdm
 
 from . import METHODS, KVCache
 from .corpus import builtin_text, file_text
-from .episodes import exact_match, make_episode, words_from
+from .episodes import greedy_answer, make_episode, words_from
+from .probe import AttentionProbe, attention_maps, persistence_ratio
 
-TASKS = ("passkey", "lines", "ppl")
+TASKS = ("passkey", "lines", "needle", "ppl", "attn", "persistence")
+NEEDLE_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
+# ---------------------------------------------------------------------- parsing
 def parse_budget(text: str, context: int) -> int:
     """'64' -> 64 tokens; '5%' -> 5% of the context (at least 1 token)."""
     try:
@@ -69,10 +81,14 @@ def parse_method(spec: str) -> tuple[str, dict]:
             key, eq, value = item.partition("=")
             if not eq:
                 raise ValueError(f"method spec {spec!r}: {item!r} is not key=value")
+            value = value.strip()
+            if value in ("inf", "-inf"):  # e.g. ems(tau=inf): merging off
+                kwargs[key.strip()] = float(value)
+                continue
             try:
-                kwargs[key.strip()] = ast.literal_eval(value.strip())
+                kwargs[key.strip()] = ast.literal_eval(value)
             except (ValueError, SyntaxError):
-                kwargs[key.strip()] = value.strip()  # a bare word, e.g. inner=h2o
+                kwargs[key.strip()] = value  # a bare word, e.g. inner=h2o
     return name, kwargs
 
 
@@ -100,96 +116,212 @@ def make_factory(config, name: str, budget: int | None, **kwargs):
     return factory
 
 
-def episodes(model, kind: str, n: int, length: int, text: str, seed: int):
+# ---------------------------------------------------------------------- tasks
+def episodes(model, kind: str, n: int, length: int, text: str, seed: int, depth=None):
     tok = model.tokenizer
     rng = random.Random(seed)
     filler, words = tok.encode(text), words_from(text)
-    return [make_episode(kind, rng, tok, filler, words, length) for _ in range(n)]
+    return [make_episode(kind, rng, tok, filler, words, length, depth) for _ in range(n)]
+
+
+def retrieval(model, eps, factory, agnostic: bool) -> list[dict]:
+    """One sample per episode: was the greedy answer exactly right?"""
+    out = []
+    for ep in eps:
+        hit = greedy_answer(model, ep, factory(), question_agnostic=agnostic) == ep.answer
+        out.append({"correct": int(hit), "depth": ep.depth, "length": ep.length})
+    return out
+
+
+def ppl_protocol(name: str, requested: str) -> str:
+    """Methods that compress only at prefill would never compress a stream: prefill them."""
+    return "prefill" if METHODS[name].compresses_at == "prefill" else requested
+
+
+def windows(model, text: str, length: int, n: int, seed: int) -> list[torch.Tensor]:
+    """n random windows of length + 1 tokens of `text` (the last one is only a target)."""
+    ids = model.tokenizer.encode(text)
+    if len(ids) < length + 2:
+        raise ValueError(f"the text has {len(ids)} tokens; windows of {length + 1} need more")
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, len(ids) - length - 1) for _ in range(n)]
+    return [torch.tensor(ids[s:s + length + 1]) for s in starts]
 
 
 @torch.no_grad()
-def perplexity(model, factory, text: str, length: int, n: int, seed: int) -> float:
-    """Prefill-then-continue perplexity over n windows of `length` tokens of `text`."""
-    ids = model.tokenizer.encode(text)
-    rng = random.Random(seed)
-    nll, count = 0.0, 0
-    dev = next(model.parameters()).device
-    for _ in range(n):
-        start = rng.randrange(0, len(ids) - length - 1)
-        seq = torch.tensor([ids[start:start + length + 1]], device=dev)
-        cache, half = factory(), length // 2
+def read_window(model, cache, seq: torch.Tensor, protocol: str) -> float:
+    """Feed seq[:-1] through `cache`; return the summed negative log-likelihood of the second
+    half's next tokens. protocol "stream" reads the first half one token at a time, "prefill"
+    in one call; the second half is always read one token at a time."""
+    seq = seq.to(next(model.parameters()).device)[None]  # (1, length + 1)
+    length, half = seq.size(1) - 1, (seq.size(1) - 1) // 2
+    if protocol == "stream":
+        for t in range(half - 1):
+            model(seq[:, t:t + 1], cache=cache, last_logits_only=True)
+        logits, _ = model(seq[:, half - 1:half], cache=cache, last_logits_only=True)
+    else:
         logits, _ = model(seq[:, :half], cache=cache, last_logits_only=True)
-        for t in range(half, length):
-            logp = torch.log_softmax(logits[0, -1].float(), -1)
-            nll -= float(logp[seq[0, t]])
-            count += 1
+    nll = 0.0
+    for t in range(half, length + 1):
+        nll -= float(torch.log_softmax(logits[0, -1].float(), -1)[seq[0, t]])
+        if t < length:
             logits, _ = model(seq[:, t:t + 1], cache=cache, last_logits_only=True)
-    return math.exp(nll / count)
+    return nll
 
 
-def memory_fraction(model, factory, length: int) -> dict:
-    """Compression report of one cache after reading `length` tokens."""
-    cache = factory()
-    with torch.no_grad():
-        model(torch.zeros(1, length, dtype=torch.long, device=next(model.parameters()).device), cache=cache)
-    return cache.compression_report()
+def perplexity(model, factory, text: str, length: int, n: int, seed: int, protocol: str = "prefill") -> float:
+    """Perplexity of the second halves of n windows of `length` tokens (see read_window)."""
+    wins = windows(model, text, length, n, seed)
+    nll = sum(read_window(model, factory(), w, protocol) for w in wins)
+    return math.exp(nll / (len(wins) * (length + 1 - length // 2)))
 
 
-def run(args) -> list[dict]:
-    from gpt import GPT
+def attention_loss(model, factory, wins, protocol: str) -> dict:
+    """Mean lost attention mass and per-layer relative output error over the windows."""
+    reports = []
+    for w in wins:
+        probe = AttentionProbe(factory())
+        read_window(model, probe, w, protocol)
+        reports.append(probe.report())
+    return {k: (sum(r[k] for r in reports) / len(reports) if not isinstance(reports[0][k], list) else
+                [sum(x) / len(reports) for x in zip(*(r[k] for r in reports))]) for k in reports[0]}
 
-    torch.manual_seed(args.seed)
-    model = GPT.from_pretrained(args.model)
-    context = model.config.block_size
-    text = file_text(args.text, "val") if args.text else builtin_text("val")
-    rows = []
+
+@torch.no_grad()
+def memory(model, factory, seq: torch.Tensor) -> dict:
+    """The cache after prefilling `seq` (a held-out window): its compression report, the peak
+    bytes it held during the prefill (new tokens stored, not yet compressed) as a fraction of
+    the full cache's bytes, and the largest fp32 score matrix the reference attention built."""
+    dev = next(model.parameters()).device
+    caches = {"method": factory(), "full": KVCache(model.config, "full")}
+    for c in caches.values():
+        c.track_peak = True
+        model(seq[None, :-1].to(dev), cache=c, last_logits_only=True)
+    cache, full = caches["method"], caches["full"]
+    return {**cache.compression_report(), "peak_bytes": cache.peak_bytes,
+            "peak_fraction": cache.peak_bytes / full.memory_bytes(), "scores_bytes": cache.peak_scores_bytes}
+
+
+@torch.no_grad()
+def persistence(model, wins, min_share: float = 0.5) -> list[float]:
+    """Per-layer persistence ratio, averaged over windows."""
+    per = [[persistence_ratio(p, min_share) for p in attention_maps(model, w[:-1])] for w in wins]
+    return [sum(x) / len(x) for x in zip(*per)]
+
+
+# ---------------------------------------------------------------------- the run
+def plan_of(args, context):
     plan = []
     for spec in args.methods:
         name, kwargs = parse_method(spec)
         budgets = [parse_budget(b, context) for b in args.budgets] if METHODS[name].takes_budget else [None]
         for budget in budgets:
-            for task in args.tasks:
-                plan.append((spec, name, kwargs, budget, task))
+            plan.append((spec, name, kwargs, budget))
+    return plan
+
+
+def run(args) -> tuple[list[dict], list[dict]]:
+    """Returns (summary rows, per-sample rows)."""
+    from gpt import GPT
+
+    torch.manual_seed(args.seed)
+    model = GPT.from_pretrained(args.model)
+    model.eval()
+    context = model.config.block_size
+    plan = plan_of(args, context)  # budgets checked against the context before any work
+    text = file_text(args.text, "val") if args.text else builtin_text("val")
+    length = context - 1
+    wins = windows(model, text, length, args.windows, args.seed)
     eps = {k: episodes(model, k, args.samples, context, text, args.seed) for k in ("passkey", "lines") if k in args.tasks}
-    for spec, name, kwargs, budget, task in tqdm(plan, desc="eval", disable=args.quiet):
+    needle_lengths = sorted({min(context, max(96, context // 4)), min(context, max(96, context // 2)), context})
+    cells = [(n, d) for n in needle_lengths for d in NEEDLE_DEPTHS]
+    per_cell = max(1, args.samples // 5)
+    if "needle" in args.tasks:
+        eps["needle"] = {cell: episodes(model, "passkey", per_cell, cell[0], text, args.seed + i, cell[1])
+                         for i, cell in enumerate(cells)}
+    rows, samples = [], []
+    if "persistence" in args.tasks:
+        torch.manual_seed(args.seed)
+        random_model = GPT(model.config).eval()
+        trained, rand = persistence(model, wins), persistence(random_model, wins)
+        rows.append({"method": "-", "budget": None, "budget_frac": None, "task": "persistence", "protocol": "full",
+                     "metric": "persistence_ratio", "value": sum(trained) / len(trained), "samples": len(wins),
+                     "per_layer": trained, "random_per_layer": rand, "random_value": sum(rand) / len(rand)})
+    tasks = [t for t in args.tasks if t != "persistence"]
+    for spec, name, kwargs, budget in tqdm(plan, desc="eval", disable=args.quiet):
         factory = make_factory(model.config, name, budget, **kwargs)
-        t0 = time.time()
-        row = {"method": spec, "budget": budget, "budget_frac": None if budget is None else budget / context,
-               "task": task, "protocol": None, "samples": args.samples}
-        if task == "ppl":
-            row["value"] = perplexity(model, factory, text, context - 1, max(1, args.samples // 10), args.seed)
-            row["metric"] = "perplexity"
-        else:
-            row["protocol"] = args.protocol
-            row["value"] = exact_match(model, eps[task], factory, question_agnostic=args.protocol == "agnostic")
-            row["metric"] = "exact_match"
-        row.update({f"mem_{k}": v for k, v in memory_fraction(model, factory, context - 1).items()})
-        row["seconds"] = round(time.time() - t0, 2)
-        rows.append(row)
-    return rows
+        mem = {f"mem_{k}": v for k, v in memory(model, factory, wins[0]).items()}
+        for task in tasks:
+            t0 = time.time()
+            row = {"method": spec, "budget": budget, "budget_frac": None if budget is None else budget / context,
+                   "task": task}
+            if task in ("passkey", "lines"):
+                got = retrieval(model, eps[task], factory, args.protocol == "agnostic")
+                row.update(protocol=args.protocol, metric="exact_match")
+            elif task == "needle":
+                got, grid = [], []
+                for (n, d) in cells:
+                    cell_budget = None if budget is None else max(1, round(budget / context * n))
+                    cell_factory = make_factory(model.config, name, cell_budget, **kwargs)
+                    hits = retrieval(model, eps["needle"][(n, d)], cell_factory, args.protocol == "agnostic")
+                    got += hits
+                    grid.append(sum(h["correct"] for h in hits) / len(hits))
+                row.update(protocol=args.protocol, metric="exact_match", lengths=needle_lengths,
+                           depths=list(NEEDLE_DEPTHS), grid=grid)
+            elif task == "ppl":
+                proto = ppl_protocol(name, args.ppl_protocol)
+                got = [{"nll": read_window(model, factory(), w, proto), "tokens": length + 1 - length // 2}
+                       for w in wins]
+                row.update(protocol=proto, metric="perplexity")
+            else:  # attn
+                proto = ppl_protocol(name, args.ppl_protocol)
+                loss = attention_loss(model, factory, wins, proto)
+                got = [{"lost_mass": loss["lost_mass"]}]
+                row.update(protocol=proto, metric="lost_attention_mass", **{k: v for k, v in loss.items()
+                                                                              if k != "lost_mass"})
+            if task == "ppl":
+                value = math.exp(sum(g["nll"] for g in got) / sum(g["tokens"] for g in got))
+            elif task == "attn":
+                value = got[0]["lost_mass"]
+            else:
+                value = sum(g["correct"] for g in got) / len(got)
+            row.update(value=value, samples=len(got), **mem, seconds=round(time.time() - t0, 2))
+            rows.append(row)
+            samples += [{"method": spec, "budget": budget, "task": task, "i": i, **g} for i, g in enumerate(got)]
+    return rows, samples
 
 
 def summary_table(rows) -> str:
-    lines = ["| method | budget | task | protocol | value | bits/elem | of fp16 |", "|---|---|---|---|---|---|---|"]
+    lines = ["| method | budget | task | protocol | value | bits/elem | of full | peak prefill |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r["task"] == "persistence":
+            lines.append(f"| (model) | - | persistence | - | {r['value']:.3f} (random init {r['random_value']:.3f}) "
+                         "| - | - | - |")
+            continue
         budget = "-" if r["budget"] is None else f"{r['budget']} ({100 * r['budget_frac']:.0f}%)"
         lines.append(f"| {r['method']} | {budget} | {r['task']} | {r['protocol'] or '-'} | {r['value']:.3f} | "
-                     f"{r['mem_bits_per_element']:.2f} | {r['mem_fraction_of_fp16']:.3f} |")
+                     f"{r['mem_bits_per_element']:.2f} | {r['mem_fraction_of_full']:.3f} | "
+                     f"{r['mem_peak_fraction']:.2f} |")
     return "\n".join(lines)
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="compare KV-cache methods on retrieval, perplexity and memory")
+    p = argparse.ArgumentParser(description="compare KV-cache methods on retrieval, perplexity, attention and memory")
     p.add_argument("--model", default="nanokv-tiny", help="checkpoint, HF directory or name [nanokv-tiny]")
     p.add_argument("--methods", default="full,streamingllm,h2o,tova,scissorhands,snapkv,pyramidkv,adakv,knorm,"
                    "rtn,kivi,mikv,quantized,cam,d2o,ems")
-    p.add_argument("--budgets", default="5%,10%,25%")
-    p.add_argument("--tasks", default="passkey,lines")
-    p.add_argument("--protocol", default="agnostic", choices=["agnostic", "aware"])
-    p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--budgets", default="20%", help="tokens or %% of the context, comma-separated")
+    p.add_argument("--tasks", default="passkey,lines", help=f"comma-separated from {list(TASKS)}")
+    p.add_argument("--protocol", default="agnostic", choices=["agnostic", "aware"], help="retrieval protocol")
+    p.add_argument("--ppl-protocol", default="stream", choices=["stream", "prefill"],
+                   help="how ppl/attn read the first half of a window")
+    p.add_argument("--samples", type=int, default=10, help="episodes per retrieval task (needle: per 5 cells)")
+    p.add_argument("--windows", type=int, default=2, help="held-out windows for ppl, attn and persistence")
     p.add_argument("--text", help="held-out text file (default: the built-in validation split)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/eval")
+    p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     args.methods = split_methods(args.methods)
@@ -198,31 +330,45 @@ def get_args(argv=None):
     for spec in args.methods:
         parse_method(spec)
     bad = [t for t in args.tasks if t not in TASKS]
-    if bad:
+    if bad or not args.tasks:
         raise ValueError(f"unknown tasks {bad}; valid tasks: {list(TASKS)}")
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    if args.windows < 1:
+        raise ValueError(f"--windows must be >= 1, got {args.windows}")
     if args.text and not os.path.isfile(args.text):
         raise FileNotFoundError(f"text file {args.text!r} does not exist")
     return args
 
 
+def write(out: str, args, rows, samples, plots: bool = True) -> list[str]:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    with open(os.path.join(out, "samples.jsonl"), "w") as f:
+        for s in samples:
+            f.write(json.dumps(s) + "\n")
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(summary_table(rows) + "\n")
+    if not plots:
+        return []
+    from .plots import plot_all
+
+    return plot_all(rows, out)
+
+
 def main(argv=None):
     try:
         args = get_args(argv)
-        rows = run(args)
+        rows, samples = run(args)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"nanokv.eval: error: {e}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
-    with open(os.path.join(args.out, "results.jsonl"), "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    table = summary_table(rows)
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
+    pngs = write(args.out, args, rows, samples, plots=not args.no_plots)
+    print(summary_table(rows))
+    print(f"wrote {args.out}/: config.json, samples.jsonl, summary.json, summary.md" +
+          (", " + ", ".join(os.path.basename(p) for p in pngs) if pngs else ""))
     return rows
 
 

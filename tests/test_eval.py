@@ -18,29 +18,80 @@ def ckpt(tmp_path_factory):
     return str(path)
 
 
+ROW_FIELDS = {"method", "budget", "budget_frac", "task", "protocol", "metric", "value", "samples", "seconds",
+              "mem_kv_bytes", "mem_bits_per_element", "mem_fraction_of_full", "mem_fraction_of_fp16",
+              "mem_total_bytes", "mem_peak_bytes", "mem_peak_fraction", "mem_scores_bytes"}
+
+
 def test_cli_runs_and_writes_every_file(ckpt, tmp_path):
     out = tmp_path / "run"
-    rows = nkeval.main(["--model", ckpt, "--methods", "full,h2o,ems,mikv(bits_lo=3)", "--budgets", "10%,64",
-                        "--tasks", "passkey,lines,ppl", "--samples", "2", "--out", str(out), "--quiet"])
-    assert {p.name for p in out.iterdir()} == {"config.json", "results.jsonl", "summary.md"}
-    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    assert lines == json.loads(json.dumps(rows))
-    # one row per method x budget x task (budget-free methods once)
-    assert len(rows) == (1 + 2 + 2 + 1) * 3
-    for r in rows:
-        assert {"method", "budget", "task", "protocol", "value", "metric", "mem_bits_per_element",
-                "mem_fraction_of_fp16"} <= set(r)
+    rows = nkeval.main(["--model", ckpt, "--methods", "full,h2o,snapkv,mikv(bits_lo=3)", "--budgets", "10%,64",
+                        "--tasks", "passkey,lines,needle,ppl,attn,persistence", "--samples", "3", "--windows", "1",
+                        "--out", str(out), "--quiet"])
+    assert {p.name for p in out.iterdir()} == {
+        "config.json", "samples.jsonl", "summary.json", "summary.md", "passkey.png", "lines.png", "ppl.png",
+        "attn.png", "attn_error.png", "needle.png", "persistence.png"}
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(rows))
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    # one row per method x budget x task (budget-free methods once), plus the model's persistence row
+    assert len(rows) == (1 + 2 + 2 + 1) * 5 + 1
+    for r in rows[1:]:
+        assert ROW_FIELDS <= set(r), ROW_FIELDS - set(r)
+        assert r["samples"] == sum(s["method"] == r["method"] and s["budget"] == r["budget"] and
+                                   s["task"] == r["task"] for s in samples)
         assert 0.0 <= r["value"] <= 1.0 or r["task"] == "ppl"
+        assert r["protocol"] == {"ppl": "prefill" if r["method"] == "snapkv" else "stream",
+                                 "attn": "prefill" if r["method"] == "snapkv" else "stream"}.get(r["task"], "agnostic")
+        assert 0 < r["mem_peak_bytes"] and 0 < r["mem_peak_fraction"] <= 1.0
+    needle = next(r for r in rows if r["task"] == "needle")
+    assert len(needle["grid"]) == len(needle["lengths"]) * len(needle["depths"]) == 2 * 5
+    full = {r["task"]: r for r in rows if r["method"] == "full"}
+    assert full["attn"]["value"] == 0.0 and full["attn"]["rel_error_per_layer"] == [0.0, 0.0]
+    assert full["passkey"]["mem_fraction_of_full"] == 1.0 and full["passkey"]["mem_peak_fraction"] == 1.0
+    h2o = next(r for r in rows if r["method"] == "h2o" and r["budget"] == 13 and r["task"] == "passkey")
+    assert h2o["mem_fraction_of_full"] < 0.2 and h2o["mem_peak_fraction"] < 1.0  # layer by layer
+    persist = rows[0]
+    assert persist["task"] == "persistence" and len(persist["per_layer"]) == len(persist["random_per_layer"]) == 2
+    assert all(0.0 <= x <= 1.0 for x in persist["per_layer"] + persist["random_per_layer"])
 
 
-def test_full_budget_perplexity_equals_full_cache(ckpt):
+@pytest.mark.parametrize("protocol", ["stream", "prefill"])
+def test_full_budget_perplexity_and_attention_equal_full_cache(ckpt, protocol):
     model = GPT.from_pretrained(ckpt)
     text = "The quick brown fox jumps over the lazy dog. " * 40
-    ref = nkeval.perplexity(model, nkeval.make_factory(model.config, "full", None), text, 100, 2, 0)
+    ref = nkeval.perplexity(model, nkeval.make_factory(model.config, "full", None), text, 64, 1, 0, protocol)
+    wins = nkeval.windows(model, text, 64, 1, 0)
     for name, cls in METHODS.items():
         if cls.takes_budget and not getattr(cls, "lossy", False):
-            ppl = nkeval.perplexity(model, nkeval.make_factory(model.config, name, 128), text, 100, 2, 0)
+            factory = nkeval.make_factory(model.config, name, 128)
+            ppl = nkeval.perplexity(model, factory, text, 64, 1, 0, protocol)
             assert ppl == ref, name
+            loss = nkeval.attention_loss(model, factory, wins, protocol)
+            assert loss["lost_mass"] == 0.0 and loss["rel_error"] == 0.0, name
+
+
+def test_attention_loss_is_a_probability_mass(ckpt):
+    model = GPT.from_pretrained(ckpt)
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    wins = nkeval.windows(model, text, 64, 1, 0)
+    for name, budget in [("streamingllm", 8), ("h2o", 16), ("rtn", None), ("ems", 8), ("quantized", 16)]:
+        loss = nkeval.attention_loss(model, nkeval.make_factory(model.config, name, budget), wins, "stream")
+        assert all(0.0 <= x <= 1.0 for x in loss["lost_mass_per_layer"]), (name, loss)
+        if name == "rtn":  # quantization holds every position: no mass lost, but an output error
+            assert loss["lost_mass"] == 0.0 and loss["rel_error"] > 0.0
+        else:
+            assert loss["lost_mass"] > 0.0 and loss["rel_error"] > 0.0, name
+
+
+def test_persistence_ratio_on_known_maps():
+    T = 8
+    probs = torch.zeros(1, T, T)
+    probs[0, :, 0] = 1.0  # every query looks only at token 0: it is the one pivotal token, always
+    assert nkeval.persistence_ratio(probs) == 1.0
+    probs = torch.zeros(1, T, T)  # first half looks at token 0, second half at token 1
+    probs[0, :4, 0] = 1.0
+    probs[0, 4:, 1] = 1.0
+    assert nkeval.persistence_ratio(probs) == 0.0
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -48,6 +99,8 @@ def test_full_budget_perplexity_equals_full_cache(ckpt):
     (["--methods", "mikv(rho)"], r"'rho' is not key=value"),
     (["--tasks", "qa"], r"unknown tasks \['qa'\]; valid tasks"),
     (["--samples", "0"], r"--samples must be >= 1"),
+    (["--windows", "0"], r"--windows must be >= 1"),
+    (["--tasks", ""], r"unknown tasks \[\]; valid tasks"),
 ])
 def test_bad_arguments(argv, match):
     with pytest.raises(ValueError, match=match):
@@ -59,6 +112,7 @@ def test_method_specs():
         "full", "mikv(bits_lo=3,balancer=False)", "quantized(inner=h2o)"]
     assert nkeval.parse_method("mikv(bits_lo=3,balancer=False)") == ("mikv", {"bits_lo": 3, "balancer": False})
     assert nkeval.parse_method("quantized(inner=h2o)") == ("quantized", {"inner": "h2o"})
+    assert nkeval.parse_method("ems(tau=inf)") == ("ems", {"tau": float("inf")})
 
 
 def test_bad_budget_and_missing_text(tmp_path):
@@ -69,3 +123,9 @@ def test_bad_budget_and_missing_text(tmp_path):
     assert nkeval.parse_budget("5%", 512) == 26
     with pytest.raises(FileNotFoundError, match="does not exist"):
         nkeval.get_args(["--text", str(tmp_path / "none.txt")])
+
+
+def test_budget_above_context_fails_before_work(ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"budget '999' = 999 tokens must be in \[1, context=128\]"):
+        nkeval.main(["--model", ckpt, "--methods", "h2o", "--budgets", "999", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,122 @@
+"""
+Plots of an evaluation's summary rows (nanokv.eval). Every budget axis is memory as a fraction
+of the full cache (keys + values + quantization metadata held, over what the full cache holds
+for the same tokens), so eviction, merging and quantization methods share one x-axis.
+"""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+YLABEL = {"passkey": "exact match", "lines": "exact match", "needle": "exact match (all cells)",
+          "ppl": "perplexity", "attn": "lost attention mass"}
+
+
+def budget_plot(rows, task: str, path: str, title: str | None = None) -> str:
+    """One line per method: the task's value against memory as a fraction of the full cache."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_method: dict[str, list] = {}
+    for r in rows:
+        if r["task"] == task:
+            by_method.setdefault(r["method"], []).append((r["mem_fraction_of_full"], r["value"]))
+    for method, pts in by_method.items():
+        pts.sort()
+        style = "o-" if len(pts) > 1 else "s"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=method, markersize=5)
+    ax.set_xscale("log")
+    ax.set_xlabel("memory held / full cache (log scale)")
+    ax.set_ylabel(YLABEL.get(task, task))
+    proto = sorted({str(r.get("protocol")) for r in rows if r["task"] == task})
+    ax.set_title(title or f"{task} against memory (protocol: {', '.join(proto)})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def needle_heatmaps(rows, path: str) -> str:
+    """One heatmap per method x budget: exact match by context length (x) and needle depth (y)."""
+    cells = [r for r in rows if r["task"] == "needle"]
+    cols = min(4, len(cells))
+    nrows = (len(cells) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(cells):]:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, cells):
+        L, D = r["lengths"], r["depths"]
+        grid = [[r["grid"][i * len(D) + j] for i in range(len(L))] for j in range(len(D))]  # (depth, length)
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+        ax.set_xticks(range(len(L)), [str(n) for n in L])
+        ax.set_yticks(range(len(D)), [f"{d:.0%}" for d in D])
+        budget = "all" if r["budget"] is None else f"{100 * r['budget_frac']:.0f}%"
+        ax.set_title(f"{r['method']} @ {budget}", fontsize=9)
+        ax.set_xlabel("context length")
+        ax.set_ylabel("needle depth")
+    fig.colorbar(im, ax=axes, shrink=0.6, label="exact match")
+    fig.suptitle("passkey retrieval by context length and needle depth")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def persistence_plot(row, path: str) -> str:
+    """Persistence ratio per layer, trained model against a randomly initialised one."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    layers = range(len(row["per_layer"]))
+    ax.plot(layers, row["per_layer"], "o-", label="trained")
+    ax.plot(layers, row["random_per_layer"], "s--", label="random init")
+    ax.set_ylim(0, 1.05)
+    ax.set_xticks(list(layers))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("persistence ratio")
+    ax.set_title("Scissorhands: persistence of importance")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def attn_error_plot(rows, path: str) -> str:
+    """Relative attention-output error per layer, one line per method x budget."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if r["task"] == "attn" and r["method"] != "full":
+            budget = "" if r["budget"] is None else f" @ {100 * r['budget_frac']:.0f}%"
+            ax.plot(range(len(r["rel_error_per_layer"])), r["rel_error_per_layer"], "o-", markersize=3,
+                    label=r["method"] + budget)
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("||out - out_full|| / ||out_full||")
+    ax.set_title("attention output error per layer against the full cache")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_all(rows, out: str) -> list[str]:
+    """Every plot the rows support; returns the paths written."""
+    paths = []
+    tasks = {r["task"] for r in rows}
+    for task in ("passkey", "lines", "ppl", "attn"):
+        if task in tasks:
+            paths.append(budget_plot(rows, task, os.path.join(out, f"{task}.png")))
+    if "attn" in tasks:
+        paths.append(attn_error_plot(rows, os.path.join(out, "attn_error.png")))
+    if "needle" in tasks:
+        paths.append(needle_heatmaps(rows, os.path.join(out, "needle.png")))
+    for r in rows:
+        if r["task"] == "persistence":
+            paths.append(persistence_plot(r, os.path.join(out, "persistence.png")))
+    return paths

@@ -1,0 +1,117 @@
+"""
+Measurements that look inside attention while a method runs (used by nanokv.eval).
+
+AttentionProbe runs a method's cache and a full cache side by side on the same q, k, v and
+records, per layer, after the first (prefill) call:
+
+    lost mass  = sum over the positions j the method did not hold when it attended of
+                 a_full[j]  (the attention the full cache would have put there), in [0, 1]
+    rel. error = || out_method - out_full || / || out_full ||  (the layer's attention output)
+
+The model runs on the method's output, so the inputs of layer l are the method's own hidden
+states: the error is that of the cache at this layer, not accumulated drift. Quantized
+methods hold every position (lost mass 0) but have an output error; a merged token counts
+as held only at its representative's position.
+
+persistence_ratio measures Scissorhands' "persistence of importance" on a full attention map.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import KVCache
+
+
+def held_mask(cache: KVCache, layer_idx: int, n: int) -> torch.Tensor:
+    """(B, H, n) bool: which of the positions 0..n-1 one layer of `cache` holds (any precision)."""
+    B, H = cache.batch_size, cache.config.n_head
+    mask = torch.zeros(B, H, n + 1, dtype=torch.bool, device=cache.device)
+    for st in cache._stores_with_positions(layer_idx):
+        pos = st.padded("pos", fill=-1).long().flatten(2)  # (B, H, L * tokens per entry)
+        pos = torch.where(pos < 0, n, pos)  # padding goes to a spare slot n
+        mask.scatter_(2, pos, True)
+    return mask[:, :, :n]
+
+
+class AttentionProbe:
+    """Looks like a KVCache to the model; `cache` does the work, `full` is the yardstick."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.full = KVCache(cache.config, "full")
+        n = cache.config.n_layer
+        self.lost = [[] for _ in range(n)]  # per layer, one value per measured query
+        self.err = [[] for _ in range(n)]  # per layer, one value per measured call
+
+    @property
+    def seq_len(self) -> int:
+        return self.cache.seq_len
+
+    def attend(self, layer_idx: int, q, k, v):
+        T = q.size(2)
+        start = self.cache.seq_len if self.cache.layers is None else self.cache.layers[layer_idx].n_seen
+        first = start == 0
+        held = None if first else held_mask(self.cache, layer_idx, start)  # before this call appends
+        out = self.cache.attend(layer_idx, q, k, v)  # (B, H, T, D)
+        ref = self.full.attend(layer_idx, q, k, v)
+        if first:
+            return out
+        layer = self.full.layers[layer_idx]
+        q_pos = torch.arange(start, start + T, device=q.device)
+        _, probs = self.full.attention(q, layer, q_pos)  # (B, H, T, start + T), positions in order
+        lost = (probs[..., :start] * (~held)[:, :, None, :]).sum(-1)  # (B, H, T)
+        self.lost[layer_idx] += lost.mean(1).flatten().tolist()  # mean over heads
+        err = (out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)
+        self.err[layer_idx].append(float(err))
+        return out
+
+    def report(self) -> dict:
+        def mean(xs):
+            return sum(xs) / len(xs) if xs else 0.0
+
+        lost = [mean(x) for x in self.lost]
+        err = [mean(x) for x in self.err]
+        return {"lost_mass": mean(lost), "lost_mass_per_layer": lost,
+                "rel_error": mean(err), "rel_error_per_layer": err}
+
+
+@torch.no_grad()
+def attention_maps(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Full attention probabilities of every layer for one sequence: a list of (H, T, T)."""
+    maps = []
+
+    class Recorder(KVCache):  # a full cache that keeps every probability matrix it computes
+        def attention_over(self, q, parts, q_pos):
+            out, probs = super().attention_over(q, parts, q_pos)
+            maps.append(probs[0])
+            return out, probs
+
+    model(ids[None], cache=Recorder(model.config, "full"))
+    return maps
+
+
+def persistence_ratio(probs: torch.Tensor, min_share: float = 0.5) -> float:
+    """Scissorhands' persistence of importance for one layer, probs (H, T, T) causal.
+
+    Token j is pivotal for query t when a_t[j] > 1/(t+1) (above the average attention).
+    Split the queries into a first and a second half; over the prefix tokens j < T/2,
+        S1 = tokens pivotal for at least `min_share` of the first-half queries
+        S2 = tokens pivotal for at least `min_share` of the second-half queries
+        ratio = |S1 and S2| / |S2|   (averaged over heads; heads with empty S2 are skipped)
+    The paper takes unions (min_share -> 0); on a small model every prefix token is then
+    pivotal for some query, so the ratio is 1 for any model. min_share = 0.5 ("usually
+    pivotal") keeps the statistic informative; the choice is ours and named here.
+    """
+    H, T, _ = probs.shape
+    half = T // 2
+    t = torch.arange(T, dtype=torch.float32, device=probs.device)
+    pivotal = probs > (1.0 / (t + 1))[None, :, None]  # (H, T, T)
+    first = pivotal[:, :half, :half].float()  # queries t < half over prefix tokens j < half
+    second = pivotal[:, half:, :half].float()
+    # a query t sees j <= t: first-half shares count only the queries that could see j
+    seen = (torch.arange(half)[None, :] <= torch.arange(half)[:, None]).float()  # (t, j)
+    s1 = first.sum(1) / seen.sum(0).clamp_min(1) >= min_share  # (H, half)
+    s2 = second.mean(1) >= min_share
+    ratios = [float((s1[h] & s2[h]).sum() / s2[h].sum()) for h in range(H) if s2[h].any()]
+    return sum(ratios) / len(ratios) if ratios else 0.0
