@@ -19,12 +19,21 @@ def triton_available() -> tuple[bool, str]:
     return True, "ok"
 
 
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, set before
+    triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def require_triton():
+    """Raise a clear error where backend='triton' cannot run: no triton, or neither a CUDA
+    GPU nor the interpreter (CPU tensors need TRITON_INTERPRET=1)."""
     ok, reason = triton_available()
     if not ok:
         raise RuntimeError(reason)
-    # The kernels land with the fast-path work; until then say so plainly.
-    raise NotImplementedError(
-        "backend='triton' has no kernels yet in this version of nanokv; use backend='torch' "
-        f"(TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')})"
-    )
+    import torch
+
+    if not interpreting() and not torch.cuda.is_available():
+        raise RuntimeError(
+            "backend='triton' needs a CUDA GPU, or TRITON_INTERPRET=1 set before triton is imported "
+            "to run the kernels in Triton's CPU interpreter (slow; for tests); use backend='torch' on a CPU")

@@ -75,13 +75,16 @@ class KVCache:
         if backend == "triton":
             from fast import require_triton
 
-            require_triton()
+            require_triton()  # a clear error where Triton cannot run (no GPU and no interpreter)
         method.check_config(config)
         self.config = config
         self.method = method
         self.backend = backend
         self.grow_by = grow_by
         self.layers: list[Ragged] | None = None  # created by the first call
+        # set track_peak = True to record the most bytes held at any attention call (peak_bytes)
+        # and the largest fp32 probability matrix the reference attention built (peak_scores_bytes)
+        self.track_peak, self.peak_bytes, self.peak_scores_bytes = False, 0, 0
 
     # ------------------------------------------------------------------ the call the model makes
     @property
@@ -121,11 +124,21 @@ class KVCache:
         Every method goes through this one function, so exactness tests compare like with like."""
         return self.attention_over(q, self.method.gather(layer), q_pos)
 
-    @staticmethod
-    def attention_over(q, parts, q_pos):
+    def attention_over(self, q, parts, q_pos):
         """Attention over a list of parts, each (k, v, k_pos, valid): (B, H, L_i, D) keys and
         values (dequantized if stored in low bits), (B, H, L_i) positions, validity or None.
         probs come back concatenated in the order of the parts."""
+        if self.track_peak:  # new tokens are stored, not yet compressed: the high-water mark
+            self.peak_bytes = max(self.peak_bytes, self.memory_bytes())
+            L = sum(p[0].size(2) for p in parts)
+            self.peak_scores_bytes = max(self.peak_scores_bytes, q.size(0) * q.size(1) * q.size(2) * L * 4)
+        if self.backend == "triton" and q.size(2) == 1 and self._packed_pair(parts):  # fast/decode_quant.py
+            from fast.decode_quant import decode_attention_quant
+
+            st, (k, v, _, _) = parts[0].store, parts[1]
+            bits, group = st.quantized["k"][:2]
+            packed = [tuple(st.padded(f"{n}.{x}") for x in ("codes", "scale", "zero")) for n in ("k", "v")]
+            return decode_attention_quant(q, packed[0], packed[1], k, v, bits, group)
         if len(parts) == 1:
             k, v, k_pos, valid = parts[0]
         else:
@@ -136,9 +149,35 @@ class KVCache:
             if any(p[3] is not None for p in parts):
                 valid = torch.cat([torch.ones_like(p[2], dtype=torch.bool) if p[3] is None else p[3]
                                    for p in parts], dim=2)
+        if self.backend == "triton" and q.size(2) == 1:  # decode: fast/decode.py, same contract
+            from fast.decode import decode_attention
+
+            return decode_attention(q, k, v, valid)
+        if self.backend == "triton" and not self.method.needs_probs:  # prefill: fast/prefill.py
+            from fast.prefill import prefill_attention
+
+            return prefill_attention(q, k, v, q_pos, k_pos, valid)[0], None  # probs: not needed, not built
         return reference_attention(q, k, v, q_pos, k_pos, valid)
 
+    @staticmethod
+    def _packed_pair(parts) -> bool:
+        """[packed low-bit store, full-precision part], heads uniform, same bits for k and v:
+        the shape kernel 2 takes (RTN's parts)."""
+        from .method import LowBitPart
+
+        if len(parts) != 2 or not isinstance(parts[0], LowBitPart) or isinstance(parts[1], LowBitPart):
+            return False
+        st = parts[0].store
+        return (st.uniform and parts[1][3] is None and st.max_len > 0
+                and st.quantized["k"][:2] == st.quantized["v"][:2])
+
     def _start(self, batch, dtype, device):
+        if self.backend == "triton" and device.type != "cuda":
+            from fast import interpreting
+
+            if not interpreting():
+                raise ValueError(f"backend='triton' got {device} tensors: the kernels run on a CUDA GPU, or on the "
+                                 "CPU only under TRITON_INTERPRET=1 (tests); use backend='torch' on a CPU")
         self.batch_size, self.dtype, self.device = batch, dtype, device
         c = self.config
         self.layers = []
@@ -150,6 +189,11 @@ class KVCache:
             layer.add_field("v", "values", (c.n_embd // c.n_head,), dtype)
             layer.add_field("pos", "positions", (), torch.int32)
             self.method.init_layer(layer, i)
+            if self.backend == "triton":  # low-bit fields quantize and pack with fast/quant.py
+                from fast.quant import quantize_pack_or_torch
+
+                for store in (layer, *layer.segments.values()):
+                    store.quantize_fn = quantize_pack_or_torch
             self.layers.append(layer)
 
     # ------------------------------------------------------------------ introspection
@@ -231,6 +275,7 @@ class KVCache:
     def reset(self):
         """Forget everything: the cache becomes as new (same config, method and backend)."""
         self.layers = None
+        self.peak_bytes = self.peak_scores_bytes = 0
         self.method.reset()
 
     def __repr__(self):

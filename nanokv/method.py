@@ -44,12 +44,28 @@ def store_part(store: Ragged, k: str = "k", v: str = "v"):
     return store.padded(k), store.padded(v), store.padded("pos", fill=-1), valid
 
 
+class LowBitPart:
+    """A store of packed low-bit keys and values as an attention part. Indexed like a part,
+    (k, v, k_pos, valid), it dequantizes (once): the reference path. The Triton backend reads
+    the packed codes of `.store` directly instead (kernel 2, fast/decode_quant.py)."""
+
+    def __init__(self, store: Ragged):
+        self.store = store
+        self._part = None
+
+    def __getitem__(self, i):
+        if self._part is None:
+            self._part = store_part(self.store)
+        return self._part[i]
+
+
 class Method:
     """Keeps everything (the full cache). Base class of every method."""
 
     name = "full"
     compresses_at = "never"  # "prefill", "decode", "prefill+decode" (shown in the README table)
     takes_budget = True  # every method but the full cache is built as cls(budget=b, ...)
+    needs_probs = True  # False: observe() never reads the probabilities (lets a fast prefill skip them)
 
     def __init__(self, budget: int | None = None):
         _check_int("budget", budget, 1, allow_none=True)

@@ -45,6 +45,7 @@ class Ragged:
         self.kinds: dict[str, str] = {}  # name -> accounting kind (one of KINDS)
         self.fills: dict[str, float] = {}  # value given to new entries a caller does not provide
         self.quantized: dict[str, tuple] = {}  # name -> (bits, group, dim, dtype) of low-bit fields
+        self.quantize_fn = None  # None: nanokv.quant.quantize_packed; the Triton backend sets fast's kernel
 
     # ------------------------------------------------------------------ declaring fields
     def add_field(self, name: str, kind: str, trailing: tuple, dtype: torch.dtype, fill: float = 0.0):
@@ -150,7 +151,7 @@ class Ragged:
         from .quant import quantize_packed
 
         bits, group, _, _ = self.quantized[name]
-        codes, scale, zero = quantize_packed(value, bits, group)
+        codes, scale, zero = (self.quantize_fn or quantize_packed)(value, bits, group)
         return {f"{name}.codes": codes, f"{name}.scale": scale, f"{name}.zero": zero}
 
     def _set_lengths(self, lengths: torch.Tensor):

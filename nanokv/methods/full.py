@@ -10,6 +10,7 @@ from ..method import Method
 
 class FullCache(Method):
     name = "full"
+    needs_probs = False
     compresses_at = "never"
     takes_budget = False
 

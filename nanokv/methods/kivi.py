@@ -34,6 +34,7 @@ from ..ragged import Ragged
 
 class KIVI(Method):
     name = "kivi"
+    needs_probs = False
     compresses_at = "prefill+decode"
     takes_budget = False
     lossy = True  # lossless only while every token sits in the residual (residual > sequence)
@@ -99,7 +100,8 @@ class KIVI(Method):
         if n_k:
             keys = layer.padded("k")[:, :, :n_k].float()  # (B, H, n_k, D)
             chunks = keys.reshape(B, H, n_k // G, G, keys.size(-1)).transpose(-1, -2)  # (B, H, c, D, G)
-            codes, scale, zero = quantize_packed(chunks, self.bits, G)  # one group per (chunk, channel)
+            quantize = layer.segments["kq"].quantize_fn or quantize_packed  # the Triton backend's kernel, if set
+            codes, scale, zero = quantize(chunks, self.bits, G)  # one group per (chunk, channel)
             pos = layer.padded("pos")[:, :, :n_k].reshape(B, H, n_k // G, G)
             layer.segments["kq"].append(codes=codes, scale=scale[..., 0], zero=zero[..., 0], pos=pos)
             layer.keep(self._drop_oldest(layer, n_k))

@@ -14,6 +14,7 @@ from ..method import ScoredEviction
 
 class KeyNorm(ScoredEviction):
     name = "knorm"
+    needs_probs = False
 
     def __init__(self, budget: int, window: int = 0, n_sink: int = 0):
         super().__init__(budget, n_sink=n_sink, window=window)

@@ -15,13 +15,14 @@ Memory per token and head: 2 * (ceil(D * b / 8) + 4 * D / group) bytes + 4 bytes
 
 import torch
 
-from ..method import Method, store_part
+from ..method import LowBitPart, Method, store_part
 from ..quant import check_bits, check_group
 from ..ragged import Ragged
 
 
 class RTN(Method):
     name = "rtn"
+    needs_probs = False
     compresses_at = "prefill+decode"
     takes_budget = False
     lossy = True  # no setting of this method equals the full cache
@@ -46,7 +47,7 @@ class RTN(Method):
         layer.segments["q"] = q
 
     def gather(self, layer):
-        return [store_part(layer.segments["q"]), store_part(layer)]
+        return [LowBitPart(layer.segments["q"]), store_part(layer)]  # old tokens low-bit, this call's exact
 
     def compress(self, layer):
         """Move every full-precision entry (this call's tokens) into the quantized segment."""

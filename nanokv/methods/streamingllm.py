@@ -18,6 +18,7 @@ from ..method import ScoredEviction, _check_int
 
 class StreamingLLM(ScoredEviction):
     name = "streamingllm"
+    needs_probs = False
 
     def __init__(self, budget: int, n_sink: int = 4):
         _check_int("budget", budget, 1)

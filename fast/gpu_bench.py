@@ -1,0 +1,220 @@
+"""
+The GPU check: correctness of every kernel on the GPU against the torch reference, every
+method end to end with backend="triton" against backend="torch", then the kernel benchmarks.
+One prepared script for a few minutes of a lent GPU; it writes gpu.json and gpu.md.
+
+    python fast/gpu_bench.py --out results/gpu        # needs a CUDA GPU (not the interpreter)
+
+Benchmarks (fp16, one query per head, bandwidth-bound sizes; CUDA-event timings by
+triton.testing.do_bench, median):
+  kernel 1   split-K decode attention, with and without the per-token probabilities;
+             GB/s = bytes of K and V read (+ 4-byte scores written and read when returned) / time
+  sdpa       torch scaled_dot_product_attention on the same full cache (no probabilities)
+  eager      q k^T, softmax in fp32, p v, returning p: what libraries do for H2O-style scores
+  kernel 2   decode over a 4-bit / 2-bit cache (per-token groups of 32, fp16 scale and zero):
+             speed-up over kernel 1 against the reduction of bytes read
+  kernel 4   quantize-and-pack throughput
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from fast.decode import decode_attention  # noqa: E402
+from fast.decode_quant import decode_attention_quant  # noqa: E402
+from fast.quant import quantize_pack  # noqa: E402
+from nanokv.cache import reference_attention  # noqa: E402
+from nanokv.quant import dequantize_packed, quantize_packed  # noqa: E402
+
+PEAK_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}
+
+
+def peak_bandwidth(name: str) -> float | None:
+    return next((v for k, v in PEAK_GBS.items() if k in name), None)
+
+
+def check_kernels(dev) -> list[dict]:
+    rows = []
+    g = torch.Generator(device=dev).manual_seed(0)
+    for B, H, L, D in [(1, 1, 1, 16), (2, 3, 37, 64), (2, 4, 1000, 128), (1, 8, 4097, 128)]:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            q, k, v = (torch.randn(B, H, n, D, device=dev, generator=g).to(dtype) for n in (1, L, L))
+            valid = torch.rand(B, H, L, device=dev, generator=g) < 0.6
+            valid[..., -1] = True
+            for val in (None, valid):
+                out, probs = decode_attention(q, k, v, val)
+                ro, rp = reference_attention(q.float(), k.float(), v.float(), torch.tensor([L], device=dev),
+                                             torch.arange(L, device=dev).expand(B, H, L), val)
+                rows.append({"kernel": "decode", "shape": [B, H, L, D], "dtype": str(dtype), "masked": val is not None,
+                             "max_out_diff": (out.float() - ro).abs().max().item(),
+                             "max_probs_diff": (probs - rp).abs().max().item()})
+    for bits in (2, 3, 4, 8):
+        x = torch.randn(64, 8, 128, device=dev, generator=g).half()
+        got, ref = quantize_pack(x, bits, 32), quantize_packed(x, bits, 32)
+        rows.append({"kernel": "quantize_pack", "bits": bits,
+                     "differing": sum(int((a != b).sum()) for a, b in zip(got, ref))})
+        B, H, LQ, LF, D = 2, 4, 777, 33, 128
+        q = torch.randn(B, H, 1, D, device=dev, generator=g).half()
+        kq, vq = (quantize_packed(torch.randn(B, H, LQ, D, device=dev, generator=g).half(), bits, 32) for _ in "kv")
+        k, v = (torch.randn(B, H, LF, D, device=dev, generator=g).half() for _ in "kv")
+        out, probs = decode_attention_quant(q, kq, vq, k, v, bits, 32)
+        K = torch.cat([dequantize_packed(*kq, bits, D), k.float()], 2)
+        V = torch.cat([dequantize_packed(*vq, bits, D), v.float()], 2)
+        ro, rp = reference_attention(q.float(), K, V, torch.tensor([LQ + LF], device=dev),
+                                     torch.arange(LQ + LF, device=dev).expand(B, H, LQ + LF))
+        rows.append({"kernel": "decode_quant", "bits": bits, "max_out_diff": (out.float() - ro).abs().max().item(),
+                     "max_probs_diff": (probs - rp).abs().max().item()})
+    return rows
+
+
+def check_methods(dev) -> list[dict]:
+    from gpt import GPT
+    from nanokv import METHODS, KVCache
+
+    model = GPT.from_pretrained("nanokv-tiny").to(dev).eval()
+    prompt = torch.tensor([model.tokenizer.encode("The pass key is 48213. Remember it. " * 6)[:200]], device=dev)
+    rows = []
+    for name, cls in METHODS.items():
+        res = {}
+        for backend in ("torch", "triton"):
+            cache = KVCache(model.config, cls.scaled(64) if cls.takes_budget else cls(), backend=backend)
+            with torch.no_grad():
+                logits, _ = model(prompt, cache=cache, last_logits_only=True)
+                toks, lg = [], []
+                for _ in range(32):
+                    nxt = logits[:, -1].argmax(-1, keepdim=True)
+                    toks.append(int(nxt))
+                    lg.append(logits[:, -1])
+                    logits, _ = model(nxt, cache=cache, last_logits_only=True)
+            kept = [cache.kept_positions(i, 0, h).tolist() for i in range(4) for h in range(4)]
+            res[backend] = (toks, torch.cat(lg), kept)
+        rows.append({"method": name, "same_tokens": res["torch"][0] == res["triton"][0],
+                     "same_kept": res["torch"][2] == res["triton"][2],
+                     "max_logits_diff": (res["torch"][1] - res["triton"][1]).abs().max().item()})
+    return rows
+
+
+def bench(dev, quick: bool) -> list[dict]:
+    rows = []
+    H, D = 32, 128
+    shapes = [(1, 8192), (8, 8192), (4, 32768), (16, 16384), (1, 131072)] if not quick else [(1, 1024)]
+    for B, L in shapes:
+        q = torch.randn(B, H, 1, D, device=dev, dtype=torch.float16)
+        k, v = (torch.randn(B, H, L, D, device=dev, dtype=torch.float16) for _ in "kv")
+        kv_bytes = 2 * B * H * L * D * 2
+        score_bytes = B * H * L * 4 * 3  # written by the partial pass, read and rewritten by the reduce
+        t_np = do_bench(lambda: decode_attention(q, k, v, want_probs=False), return_mode="median")
+        sweep = {}
+        for block_n in (32, 64, 128):
+            for chunk in (256, 1024, 4096):
+                if chunk <= L:
+                    sweep[(chunk, block_n)] = do_bench(
+                        lambda: decode_attention(q, k, v, want_probs=False, chunk=chunk, block_n=block_n),
+                        return_mode="median")
+        best = min(sweep, key=sweep.get)
+        t_p = do_bench(lambda: decode_attention(q, k, v, want_probs=True), return_mode="median")
+        t_sdpa = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), return_mode="median")
+
+        def eager():
+            p = torch.softmax((q @ k.transpose(-1, -2)).float() / math.sqrt(D), -1)
+            return p.half() @ v, p
+
+        t_eager = do_bench(eager, return_mode="median")
+        row = {"B": B, "H": H, "L": L, "D": D, "kv_MB": kv_bytes / 1e6,
+               "k1_ms": t_np, "k1_GBs": kv_bytes / t_np / 1e6,
+               "k1_best_chunk_block": list(best), "k1_best_GBs": kv_bytes / sweep[best] / 1e6,
+               "k1_probs_ms": t_p, "k1_probs_GBs": (kv_bytes + score_bytes) / t_p / 1e6,
+               "sdpa_ms": t_sdpa, "sdpa_GBs": kv_bytes / t_sdpa / 1e6,
+               "eager_probs_ms": t_eager, "fused_vs_eager": t_eager / t_p}
+        for bits in (4, 2):
+            kq, vq = (quantize_packed(t, bits, 32) for t in (k, v))
+            empty = torch.empty(B, H, 0, D, device=dev, dtype=torch.float16)
+            t_q = do_bench(lambda: decode_attention_quant(q, kq, vq, empty, empty, bits, 32, want_probs=False),
+                           return_mode="median")
+            q_bytes = 2 * sum(t.numel() * t.element_size() for t in kq)
+            row[f"k2_int{bits}_ms"] = t_q
+            row[f"k2_int{bits}_byte_reduction"] = kv_bytes / q_bytes
+            row[f"k2_int{bits}_speedup"] = t_np / t_q
+            row[f"k2_int{bits}_GBs"] = q_bytes / t_q / 1e6
+        rows.append(row)
+        k = v = kq = vq = None  # free the GPU memory before the next size
+        torch.cuda.empty_cache()
+    x = torch.randn(8 * 32 * 16384, D, device=dev, dtype=torch.float16)
+    t = do_bench(lambda: quantize_pack(x, 4, 32), return_mode="median")
+    rows.append({"kernel4_rows": x.size(0), "kernel4_ms": t, "kernel4_GBs": x.numel() * 2 / t / 1e6})
+    return rows
+
+
+def markdown(info, checks, methods, perf) -> str:
+    peak = info["peak_GBs"]
+    out = [f"GPU: {info['device']}, torch {info['torch']}, triton {info['triton']}, {info['date']}; "
+           f"peak HBM bandwidth taken as {peak} GB/s.", "",
+           "| B x H x L x D | K+V MB | kernel 1 GB/s (% peak) | best (chunk, block) GB/s | + probs GB/s | SDPA GB/s "
+           "| eager+probs / fused+probs | INT4: bytes / speed-up | INT2: bytes / speed-up |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in perf:
+        if "B" not in r:
+            continue
+        pct = f" ({100 * r['k1_GBs'] / peak:.0f}%)" if peak else ""
+        out.append(f"| {r['B']}x{r['H']}x{r['L']}x{r['D']} | {r['kv_MB']:.0f} | {r['k1_GBs']:.0f}{pct} | "
+                   f"{tuple(r['k1_best_chunk_block'])} {r['k1_best_GBs']:.0f} | "
+                   f"{r['k1_probs_GBs']:.0f} | {r['sdpa_GBs']:.0f} | {r['fused_vs_eager']:.2f}x | "
+                   f"{r['k2_int4_byte_reduction']:.2f}x / {r['k2_int4_speedup']:.2f}x | "
+                   f"{r['k2_int2_byte_reduction']:.2f}x / {r['k2_int2_speedup']:.2f}x |")
+    k4 = next((r for r in perf if "kernel4_ms" in r), None)
+    if k4:
+        out += ["", f"kernel 4 (quantize + pack, 4-bit, groups of 32): {k4['kernel4_GBs']:.0f} GB/s of fp16 input."]
+    worst = max((r.get("max_out_diff", 0) for r in checks), default=0)
+    out += ["", f"Kernel checks on the GPU: {len(checks)} cases, worst max|out diff| {worst:.2e}; quantize_pack "
+            f"differing bytes: {sum(r.get('differing', 0) for r in checks)}.",
+            f"Methods end to end (tiny model, prompt 200, 32 decode steps, budget 64): "
+            f"{sum(r['same_tokens'] and r['same_kept'] for r in methods)}/{len(methods)} with the same tokens and "
+            f"kept sets; worst max|logits diff| {max(r['max_logits_diff'] for r in methods):.2e}."]
+    return "\n".join(out)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="results/gpu")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("fast/gpu_bench.py needs a CUDA GPU")
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name()
+    info = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%d"), "peak_GBs": peak_bandwidth(name)}
+    os.makedirs(args.out, exist_ok=True)
+    result = {"info": info}
+    for key, fn in (("checks", lambda: check_kernels(dev)), ("methods", lambda: check_methods(dev)),
+                    ("perf", lambda: bench(dev, args.quick))):
+        t0 = time.time()
+        try:
+            result[key] = fn()
+        except Exception as e:  # keep what the other parts measured
+            result[key] = [{"error": repr(e)}]
+        print(f"{key}: {time.time() - t0:.1f} s", json.dumps(result[key])[:3000], flush=True)
+        with open(os.path.join(args.out, "gpu.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    try:
+        md = markdown(info, result["checks"], result["methods"], result["perf"])
+    except Exception as e:
+        md = f"(no table: {e!r})"
+    with open(os.path.join(args.out, "gpu.md"), "w") as f:
+        f.write(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
