@@ -4,6 +4,7 @@ GPT-2 `generate` on the same randomly initialised weights, on this machine's CPU
 
     python bench.py                      # GPT-2 124M and a tiny config, prompt 512, 128 new tokens
     python bench.py --sizes tiny --new 64
+    python bench.py --methods            # every method's decode speed on the tiny model, and rooflines
 
 Everything is measured side by side in one run and printed as ratios. Also printed: the
 memory-bandwidth roofline (bytes a decode step must read / bandwidth measured here) and the
@@ -93,6 +94,52 @@ def bench_size(name, config, prompt_len, n_new, repeats, bandwidth):
     }
 
 
+def bench_methods(budget_frac: float, prompt_len: int, n_new: int, repeats: int, bandwidth: float):
+    """Every registered method on the committed tiny model: decode tokens/s against the full
+    cache (the cost of its bookkeeping, as a ratio), and its size against the full cache."""
+    from nanokv import METHODS
+
+    model = GPT.from_pretrained("nanokv-tiny").eval()
+    budget = max(1, round(budget_frac * prompt_len))
+    prompt = torch.randint(0, 256, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for name, cls in METHODS.items():
+        def make():
+            return KVCache(model.config, cls.scaled(budget) if cls.takes_budget else cls())
+
+        def run():
+            cache = make()
+            model.generate(prompt, n_new, cache=cache, temperature=0)
+            return cache
+
+        with torch.no_grad():
+            cache = run()  # warm-up, and the cache whose size we report
+            t = best_of(run, repeats)
+        rows.append({"method": name, "tok_s": n_new / t, "seconds": t,
+                     "fraction_of_fp16": cache.compression_report()["fraction_of_fp16"]})
+    full = next(r for r in rows if r["method"] == "full")
+    print(f"\nmethods on the tiny model: prompt {prompt_len}, {n_new} new tokens, budget {budget} "
+          f"({100 * budget_frac:.0f}%) where a method takes one, best of {repeats}")
+    print(f"{'method':14} {'tok/s':>8} {'time vs full':>13} {'KV size vs fp16':>16}")
+    for r in rows:
+        print(f"{r['method']:14} {r['tok_s']:8.1f} {r['seconds'] / full['seconds']:12.2f}x "
+              f"{r['fraction_of_fp16']:15.3f}")
+    # roofline: a decode step reads every weight once and the cache it holds
+    c = GPTConfig.preset("gpt2")
+    weights = 124.4e6 * 2  # fp16 GPT-2 124M
+    print("\nroofline, GPT-2 124M in fp16, one sequence: ms per decode step = (weights + KV held) / bandwidth")
+    print(f"{'method':14} " + " ".join(f"{'ctx ' + str(n):>18}" for n in (1024, 8192, 65536)))
+    for r in rows:
+        cells = []
+        for n in (1024, 8192, 65536):
+            kv = 2 * c.n_layer * c.n_embd * n * 2 * r["fraction_of_fp16"]
+            cells.append(f"{1e3 * (weights + kv) / bandwidth:7.2f} / {1e3 * (weights + kv) / 4.8e12:6.3f}")
+        print(f"{r['method']:14} " + " ".join(f"{x:>18}" for x in cells))
+    print(f"(each cell: at this machine's {bandwidth / 1e9:.0f} GB/s / at an H200's 4.8 TB/s; the KV share "
+          "grows with the context)")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="decode speed: nanokv GPT vs transformers GPT-2")
     p.add_argument("--sizes", default="gpt2,tiny", help=f"comma list from {list(SIZES)}")
@@ -100,6 +147,8 @@ def main(argv=None):
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2, help="best of this many runs")
     p.add_argument("--threads", type=int, default=0, help="torch threads for both (0 = default)")
+    p.add_argument("--methods", action="store_true", help="every method on the tiny model instead")
+    p.add_argument("--budget", type=float, default=0.25, help="with --methods: budget as a fraction of the prompt")
     args = p.parse_args(argv)
     sizes = args.sizes.split(",")
     for s in sizes:
@@ -111,6 +160,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     bw = measure_bandwidth()
     print(f"threads: {torch.get_num_threads()}   measured read bandwidth: {bw / 1e9:.1f} GB/s")
+    if args.methods:
+        return bench_methods(args.budget, min(args.prompt, 448), min(args.new, 64), args.repeats, bw)
     print(f"prompt {args.prompt} tokens, {args.new} new tokens, greedy, fp32, best of {args.repeats}\n")
     print(f"{'size':6} {'params':>8} {'ours s':>8} {'HF s':>8} {'speedup':>8} {'ours tok/s':>11} "
           f"{'HF tok/s':>9} {'step ms':>8} {'roofline ms':>12} {'% of roofline':>14} same")
