@@ -65,7 +65,7 @@ def prefill_forward_kernel(Q, K, V, QPOS, KPOS, VALID, OUT, LSE, H, T, L, D, sca
 
 
 @triton.jit
-def prefill_colsum_kernel(Q, K, QPOS, KPOS, VALID, LSE, COLSUM, COLWIN, H, T, L, D, scale, W,
+def prefill_colsum_kernel(Q, K, QPOS, KPOS, VALID, LSE, COLSUM, COLWIN, ROWS, H, T, L, D, scale, W,
                           sq_b, sq_h, sq_t, sk_b, sk_h, sk_n,
                           HAS_VALID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr):
@@ -93,7 +93,10 @@ def prefill_colsum_kernel(Q, K, QPOS, KPOS, VALID, LSE, COLSUM, COLWIN, H, T, L,
         ok = (kpos[None, :] <= qpos[:, None]) & ok_n[None, :] & mmask[:, None]
         p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
         total += tl.sum(p, axis=0)
-        window += tl.sum(tl.where((offs_m >= T - W)[:, None], p, 0.0), axis=0)
+        in_win = offs_m >= T - W  # (BLOCK_M,) the last W queries: their rows are also written out
+        window += tl.sum(tl.where(in_win[:, None], p, 0.0), axis=0)
+        tl.store(ROWS + (bh * W + (offs_m - (T - W)))[:, None] * L + offs_n[None, :], p,
+                 mask=(in_win & mmask)[:, None] & nmask[None, :])
     tl.store(COLSUM + bh * L + offs_n, total, mask=nmask)
     tl.store(COLWIN + bh * L + offs_n, window, mask=nmask)
 
@@ -102,7 +105,8 @@ def prefill_attention(q, k, v, q_pos, k_pos, valid=None, window: int = 0,
                       block_m: int = 32, block_n: int = 32):
     """q (B, H, T, D); k, v (B, H, L, D); q_pos (T,); k_pos (B, H, L); valid (B, H, L) bool or None.
     Returns out (B, H, T, D) in q's dtype, colsum (B, H, L) fp32 (probabilities summed over all
-    queries) and colsum_win (B, H, L) fp32 (over the last `window` queries)."""
+    queries), colsum_win (B, H, L) fp32 (over the last `window` queries) and rows (B, H, window, L)
+    fp32 (the probabilities of the last `window` queries)."""
     B, H, T, D = q.shape
     L = k.size(2)
     if k.shape != (B, H, L, D) or v.shape != (B, H, L, D):
@@ -122,6 +126,7 @@ def prefill_attention(q, k, v, q_pos, k_pos, valid=None, window: int = 0,
     lse = torch.empty(B * H, T, device=dev, dtype=torch.float32)
     colsum = torch.empty(B * H, L, device=dev, dtype=torch.float32)
     colwin = torch.empty_like(colsum)
+    rows = torch.empty(B * H, window, L, device=dev, dtype=torch.float32)
     scale = 1.0 / math.sqrt(D)
     prefill_forward_kernel[(B * H, triton.cdiv(T, block_m))](
         q, k, v, qp, kp, va, out, lse, H, T, L, D, scale,
@@ -129,7 +134,41 @@ def prefill_attention(q, k, v, q_pos, k_pos, valid=None, window: int = 0,
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         HAS_VALID=valid is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
     prefill_colsum_kernel[(B * H, triton.cdiv(L, block_n))](
-        q, k, qp, kp, va, lse, colsum, colwin, H, T, L, D, scale, window,
+        q, k, qp, kp, va, lse, colsum, colwin, rows, H, T, L, D, scale, window,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         HAS_VALID=valid is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
-    return out, colsum.reshape(B, H, L), colwin.reshape(B, H, L)
+    return out, colsum.reshape(B, H, L), colwin.reshape(B, H, L), rows.reshape(B, H, window, L)
+
+
+class ProbStats:
+    """What kernel 3 keeps of the (B, H, T, L) probability matrix: its column sums and its last w
+    rows. It stands in for the matrix in a method's observe(), for the reads methods make:
+        probs.shape, probs.sum(dim=2)                  column sums (H2O, CaM, D2O, EMS, MiKV)
+        probs[..., a:b]                                some keys only (MiKV's tiers)
+        probs[:, :, i(, keys)], probs[:, :, s:(, keys)]  rows among the last w (TOVA, SnapKV, EMS)
+    Any other read raises NotImplementedError."""
+
+    def __init__(self, colsum, rows, T: int):
+        self.colsum, self.rows, self.T = colsum, rows, T  # (B, H, L), (B, H, w, L)
+        B, H, L = colsum.shape
+        self.shape, self.device = torch.Size((B, H, T, L)), colsum.device
+
+    def sum(self, dim):
+        if dim not in (2, -2):
+            raise NotImplementedError("ProbStats sums over the queries (dim=2) only")
+        return self.colsum
+
+    def __getitem__(self, idx):
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if len(idx) == 2 and idx[0] is Ellipsis and isinstance(idx[1], slice):  # some keys, all queries
+            return ProbStats(self.colsum[..., idx[1]], self.rows[..., idx[1]], self.T)
+        w, full = self.rows.size(2), slice(None)
+        if len(idx) in (3, 4) and idx[0] == full and idx[1] == full:
+            q, keys = idx[2], (idx[3] if len(idx) == 4 else full)
+            if isinstance(q, int) and -w <= q < 0:  # one of the last w queries
+                return self.rows[:, :, w + q][..., keys]
+            if isinstance(q, slice) and q.stop is None and q.step is None and q.start is not None \
+                    and self.T - w <= q.start <= self.T:  # the last T - start queries
+                return self.rows[:, :, w - (self.T - q.start):][..., keys]
+        raise NotImplementedError(f"ProbStats keeps column sums and the last {w} rows; {idx!r} needs the "
+                                  "full probability matrix (use the torch backend)")

@@ -153,10 +153,13 @@ class KVCache:
             from fast.decode import decode_attention
 
             return decode_attention(q, k, v, valid)
-        if self.backend == "triton" and not self.method.needs_probs:  # prefill: fast/prefill.py
-            from fast.prefill import prefill_attention
+        rows = self.method.probs_rows
+        if self.backend == "triton" and (not self.method.needs_probs or rows is not None):  # fast/prefill.py
+            from fast.prefill import ProbStats, prefill_attention
 
-            return prefill_attention(q, k, v, q_pos, k_pos, valid)[0], None  # probs: not needed, not built
+            out, colsum, _, last = prefill_attention(q, k, v, q_pos, k_pos, valid, min(rows or 0, q.size(2)))
+            # the method reads column sums and the last rows only: no (B, H, T, L) matrix is built
+            return out, ProbStats(colsum, last, q.size(2)) if self.method.needs_probs else None
         return reference_attention(q, k, v, q_pos, k_pos, valid)
 
     @staticmethod

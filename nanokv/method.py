@@ -66,6 +66,9 @@ class Method:
     compresses_at = "never"  # "prefill", "decode", "prefill+decode" (shown in the README table)
     takes_budget = True  # every method but the full cache is built as cls(budget=b, ...)
     needs_probs = True  # False: observe() never reads the probabilities (lets a fast prefill skip them)
+    # None: observe() may read the whole (B, H, T, L) probability matrix of a prefill. An int w:
+    # it reads only column sums and the last w rows (the Triton prefill then never builds the matrix)
+    probs_rows: int | None = None
 
     def __init__(self, budget: int | None = None):
         _check_int("budget", budget, 1, allow_none=True)
@@ -117,7 +120,8 @@ class Method:
         """Forget any state held outside the layers (the layers themselves are dropped by the cache)."""
 
     def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
+                         if not k.startswith("_") and k not in ("needs_probs", "probs_rows"))
         return f"{type(self).__name__}({args})"
 
 

@@ -193,10 +193,11 @@ def test_prefill_attention_and_column_sums_match_reference(T, L0, D, dtype, wind
     assert d_out <= {torch.float32: 1e-5, torch.float16: 2e-3}[dtype] and d_sum <= 1e-5 and d_win <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["streamingllm", "rtn"])
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"scissorhands"}))
 def test_triton_backend_routes_prefill_and_decode_to_the_kernels(monkeypatch, name):
-    """For a method that reads no probabilities, neither prefill (kernel 3) nor decode (kernel 1;
-    kernel 2 for RTN's packed tokens) touches the reference attention."""
+    """Neither prefill (kernel 3, with column sums and the last rows the method reads) nor decode
+    (kernel 1; kernel 2 for RTN's packed tokens) touches the reference attention. Scissorhands
+    is the exception: a prompt within its budget is recorded query by query (every row)."""
     import nanokv.cache
 
     def forbidden(*args, **kwargs):
@@ -208,3 +209,20 @@ def test_triton_backend_routes_prefill_and_decode_to_the_kernels(monkeypatch, na
     monkeypatch.setattr(nanokv.cache, "reference_attention", forbidden)
     fast = run(model, make_method(name, 16), "triton", prompt, 8)
     assert fast[0] == ref[0] and fast[2] == ref[2] and (fast[1] - ref[1]).abs().max() <= 1e-4
+
+
+def test_prob_stats_answers_the_reads_methods_make_and_refuses_others():
+    from fast.prefill import ProbStats
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(1, 2, 6, 9, generator=g), -1)  # (B, H, T, L)
+    stats = ProbStats(probs.sum(2), probs[:, :, -3:], T=6)
+    assert stats.shape == probs.shape
+    assert torch.equal(stats.sum(dim=2), probs.sum(2))
+    assert torch.equal(stats[..., 2:5].sum(dim=2), probs[..., 2:5].sum(2))
+    assert torch.equal(stats[:, :, -1, :], probs[:, :, -1, :])
+    assert torch.equal(stats[:, :, 4:, :7], probs[:, :, 4:, :7])
+    with pytest.raises(NotImplementedError, match="the last 3 rows"):
+        stats[:, :, 0]
+    with pytest.raises(NotImplementedError, match="the last 3 rows"):
+        stats[:, :, 2:]

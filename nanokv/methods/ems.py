@@ -73,6 +73,7 @@ class EMS(Method):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
         self.window, self.mass, self.tau, self.key_merge = window, float(mass), float(tau), key_merge
+        self.probs_rows = window  # observe reads column sums and the last `window` rows
         self.head_budgets, self.alpha, self.interval, self.nonneg_cos = head_budgets, float(alpha), interval, nonneg_cos
 
     @classmethod

@@ -31,6 +31,8 @@ class H2O(ScoredEviction):
     def init_layer(self, layer, layer_idx):
         layer.add_field("acc", "method_state", (), torch.float32)  # F[j]
 
+    probs_rows = 0  # observe reads column sums only
+
     def observe(self, layer, probs, q):
         # probs (B, H, T, L): add each query's row to the accumulated attention
         layer.set_padded("acc", layer.padded("acc") + probs.sum(dim=2))

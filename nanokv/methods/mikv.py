@@ -37,6 +37,7 @@ from ..ragged import Ragged
 class MiKV(Method):
     name = "mikv"
     compresses_at = "prefill+decode"
+    probs_rows = 0  # its attention reads column sums only
     takes_budget = False
     lossy = True  # lossless only at rho = 1 without the balancer
 

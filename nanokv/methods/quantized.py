@@ -42,7 +42,7 @@ class Quantized(Method):
             raise ValueError(f"group must be None or a positive int, got {group!r}")
         self.inner, self.bits, self.group = method, bits, group
         self.budget, self.compresses_at = method.budget, method.compresses_at
-        self.needs_probs = method.needs_probs
+        self.needs_probs, self.probs_rows = method.needs_probs, method.probs_rows
         self._fresh = None
 
     @classmethod

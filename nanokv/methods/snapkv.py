@@ -47,6 +47,7 @@ class SnapKV(ScoredEviction):
         if pool not in ("max", "avg"):
             raise ValueError(f"pool must be 'max' or 'avg', got {pool!r}")
         self.kernel, self.pool = kernel, pool
+        self.probs_rows = window  # observe reads the window's rows only
         self._score = None
 
     @classmethod

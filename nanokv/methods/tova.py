@@ -26,6 +26,8 @@ class TOVA(ScoredEviction):
         self.head_reduce = head_reduce
         self._score = None
 
+    probs_rows = 1  # observe reads the newest query's row only
+
     def observe(self, layer, probs, q):
         last = probs[:, :, -1, :]  # (B, H, L): the newest query's attention
         if self.head_reduce == "mean":
