@@ -46,7 +46,8 @@ def needle_heatmaps(rows, path: str) -> str:
     cells = [r for r in rows if r["task"] == "needle"]
     cols = min(4, len(cells))
     nrows = (len(cells) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.8 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols + 1, 3.2 * nrows + 0.6), squeeze=False)
+    fig.subplots_adjust(wspace=0.55, hspace=0.6)
     for ax in axes.flat[len(cells):]:
         ax.axis("off")
     for ax, r in zip(axes.flat, cells):
