@@ -1,6 +1,6 @@
 """Every notebook in lessons/ runs top to bottom with small parameters (NANOKV_LESSON_QUICK=1)
-and its final check cell passes. The committed notebooks carry the outputs of a full-size run:
-regenerate them with `python tests/test_lessons.py --write` (about a minute per notebook)."""
+and its final check cell passes. The committed notebooks carry no outputs;
+`python tests/test_lessons.py --write` executes them at full size and saves them in place."""
 
 import glob
 import os
