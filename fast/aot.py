@@ -56,7 +56,7 @@ def cases():
                 yield prefill.prefill_forward_kernel, {**common, **strides, "V": f"*{elem}", "OUT": f"*{elem}",
                                                        "LSE": "*fp32"}, consts
                 yield prefill.prefill_colsum_kernel, {**common, **strides, "LSE": "*fp32", "COLSUM": "*fp32",
-                                                      "COLWIN": "*fp32", "W": "i32"}, consts
+                                                      "COLWIN": "*fp32", "ROWS": "*fp32", "W": "i32"}, consts
     yield decode.probs_kernel, {"SCORES": "*fp32", "MZ": "*fp32", "L": "i32"}, {"BLOCK_P": 1024}
     for elem in ("fp32", "fp16", "bf16"):
         for bits in (2, 3, 4, 8):

@@ -183,14 +183,17 @@ def test_prefill_attention_and_column_sums_match_reference(T, L0, D, dtype, wind
     if masked:
         valid = torch.rand(B, H, L, generator=g) < 0.7
         valid[..., L0:] = True  # this call's own tokens are always there
-    out, colsum, colwin = prefill_attention(q, k, v, q_pos, k_pos, valid, window)
+    out, colsum, colwin, rows = prefill_attention(q, k, v, q_pos, k_pos, valid, window)
     ref_out, ref_p = reference_attention(q.float(), k.float(), v.float(), q_pos, k_pos, valid)
     d_out = (out.float() - ref_out).abs().max().item()
     d_sum = (colsum - ref_p.sum(2)).abs().max().item()
     d_win = (colwin - ref_p[:, :, T - window:].sum(2)).abs().max().item() if window else colwin.abs().max().item()
+    d_rows = (rows - ref_p[:, :, T - window:]).abs().max().item() if window else 0.0  # the last rows, kept
+    assert rows.shape == (B, H, window, L)
     print(f"prefill T={T} L={L} D={D} {dtype} masked={masked}: max|out diff| {d_out:.2e}, max|colsum diff| "
           f"{d_sum:.2e}, max|window colsum diff| {d_win:.2e}")
     assert d_out <= {torch.float32: 1e-5, torch.float16: 2e-3}[dtype] and d_sum <= 1e-5 and d_win <= 1e-5
+    assert d_rows <= 1e-6
 
 
 @pytest.mark.parametrize("name", sorted(set(METHODS) - {"scissorhands"}))
