@@ -129,3 +129,19 @@ def test_budget_above_context_fails_before_work(ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"budget '999' = 999 tokens must be in \[1, context=128\]"):
         nkeval.main(["--model", ckpt, "--methods", "h2o", "--budgets", "999", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+def test_results_page_from_the_committed_summaries(tmp_path):
+    """RESULTS.md's text is computed from the saved runs: every claim gets a verdict."""
+    import os
+
+    from nanokv import results
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
+    res = {name: json.load(open(os.path.join(root, name, "summary.json"))) for name in results.EXPERIMENTS}
+    claims = results.claims(res)
+    assert len(claims) == 5 and all("**holds**" in c or "**does not hold here**" in c for c in claims)
+    md = tmp_path / "RESULTS.md"
+    results.write_results(str(md), root, res, 60.0, quick=False)
+    text = md.read_text()
+    assert text.startswith("# Results") and "| method | budget | task |" in text
