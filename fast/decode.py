@@ -37,6 +37,18 @@ NEG = tl.constexpr(-1.0e30)  # "minus infinity" that stays finite in the exp/max
 
 
 @triton.jit
+def online_softmax_step(score, v, m, lsum, acc):
+    """Fold one tile into a running (max m, sum lsum, weighted values acc): score (BLOCK_N,)
+    with -inf where not valid, v (BLOCK_N, BLOCK_D) fp32. Returns the new (m, lsum, acc)."""
+    m_new = tl.maximum(m, tl.max(score, axis=0))
+    alpha = tl.exp(m - m_new)  # rescales what was accumulated under the old max
+    p = tl.exp(score - m_new)  # (BLOCK_N,), 0 where not valid
+    acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+    lsum = lsum * alpha + tl.sum(p, axis=0)
+    return m_new, lsum, acc
+
+
+@triton.jit
 def decode_partial_kernel(Q, K, V, VALID, SCORES, M_PART, L_PART, ACC_PART,
                           H, L, D, scale, S,
                           sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
@@ -64,14 +76,9 @@ def decode_partial_kernel(Q, K, V, VALID, SCORES, M_PART, L_PART, ACC_PART,
             ok = ok & (tl.load(VALID + bh * L + offs_n, mask=nmask, other=0) != 0)
         score = tl.where(ok, score, float("-inf"))
         tl.store(SCORES + bh * L + offs_n, score, mask=nmask)
-        m_new = tl.maximum(m, tl.max(score, axis=0))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(score - m_new)  # (BLOCK_N,), 0 where not ok
         v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :],
                     mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        lsum = lsum * alpha + tl.sum(p, axis=0)
-        m = m_new
+        m, lsum, acc = online_softmax_step(score, v, m, lsum, acc)
     tl.store(M_PART + bh * S + s, m)
     tl.store(L_PART + bh * S + s, lsum)
     tl.store(ACC_PART + (bh * S + s) * BLOCK_D + offs_d, acc)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode import NEG, launch_shape, reduce_partials
+from .decode import NEG, launch_shape, online_softmax_step, reduce_partials
 from .quant import chunk_of
 
 
@@ -78,14 +78,9 @@ def decode_quant_partial_kernel(Q, KC, KS, KZ, VC, VS, VZ, K, V, SCORES, M_PART,
                               nmask, dmask, skc_n, sks_n, BITS, GROUP, PER, NBYTES)
             score = tl.where(nmask, tl.sum(k * q[None, :], axis=1), float("-inf"))
             tl.store(SCORES + bh * L + offs_n, score, mask=nmask)
-            m_new = tl.maximum(m, tl.max(score, axis=0))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(score - m_new)
             v = _dequant_tile(VC, VS, VZ, b * svc_b + h * svc_h, b * svs_b + h * svs_h, offs_n, offs_d,
                               nmask, dmask, svc_n, svs_n, BITS, GROUP, PER, NBYTES)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            lsum = lsum * alpha + tl.sum(p, axis=0)
-            m = m_new
+            m, lsum, acc = online_softmax_step(score, v, m, lsum, acc)
     else:  # a chunk of the full-precision segment, scores after the low-bit ones
         lo = (s - SQ) * CHUNK
         hi = tl.minimum(lo + CHUNK, LF)
@@ -97,14 +92,9 @@ def decode_quant_partial_kernel(Q, KC, KS, KZ, VC, VS, VZ, K, V, SCORES, M_PART,
                         other=0.0).to(tl.float32)
             score = tl.where(nmask, tl.sum(k * q[None, :], axis=1), float("-inf"))
             tl.store(SCORES + bh * L + LQ + offs_n, score, mask=nmask)
-            m_new = tl.maximum(m, tl.max(score, axis=0))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(score - m_new)
             v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=m2,
                         other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            lsum = lsum * alpha + tl.sum(p, axis=0)
-            m = m_new
+            m, lsum, acc = online_softmax_step(score, v, m, lsum, acc)
     tl.store(M_PART + bh * S + s, m)
     tl.store(L_PART + bh * S + s, lsum)
     tl.store(ACC_PART + (bh * S + s) * BLOCK_D + offs_d, acc)

@@ -183,8 +183,14 @@ def attention_loss(model, factory, wins, protocol: str) -> dict:
         probe = AttentionProbe(factory())
         read_window(model, probe, w, protocol)
         reports.append(probe.report())
-    return {k: (sum(r[k] for r in reports) / len(reports) if not isinstance(reports[0][k], list) else
-                [sum(x) / len(reports) for x in zip(*(r[k] for r in reports))]) for k in reports[0]}
+    n = len(reports)
+    out = {}
+    for key, first in reports[0].items():
+        if isinstance(first, list):  # per layer: average each layer over the windows
+            out[key] = [sum(layer) / n for layer in zip(*(r[key] for r in reports))]
+        else:
+            out[key] = sum(r[key] for r in reports) / n
+    return out
 
 
 @torch.no_grad()

@@ -17,6 +17,16 @@ YLABEL = {"passkey": "exact match", "lines": "exact match", "needle": "exact mat
           "ppl": "perplexity", "attn": "lost attention mass"}
 
 
+def _finish(fig, ax, path: str, legend: dict | None = None) -> str:
+    """Grid, legend, tight layout, write the PNG, free the figure."""
+    ax.grid(alpha=0.3)
+    ax.legend(**(legend or {}))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def budget_plot(rows, task: str, path: str, title: str | None = None) -> str:
     """One line per method: the task's value against memory as a fraction of the full cache."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -33,12 +43,7 @@ def budget_plot(rows, task: str, path: str, title: str | None = None) -> str:
     ax.set_ylabel(YLABEL.get(task, task))
     proto = sorted({str(r.get("protocol")) for r in rows if r["task"] == task})
     ax.set_title(title or f"{task} against memory (protocol: {', '.join(proto)})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, {"fontsize": 7, "ncol": 2})
 
 
 def needle_heatmaps(rows, path: str) -> str:
@@ -78,12 +83,7 @@ def persistence_plot(row, path: str) -> str:
     ax.set_xlabel("layer")
     ax.set_ylabel("persistence ratio")
     ax.set_title("Scissorhands: persistence of importance")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path)
 
 
 def attn_error_plot(rows, path: str) -> str:
@@ -98,12 +98,7 @@ def attn_error_plot(rows, path: str) -> str:
     ax.set_xlabel("layer")
     ax.set_ylabel("||out - out_full|| / ||out_full||")
     ax.set_title("attention output error per layer against the full cache")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, {"fontsize": 6, "ncol": 2})
 
 
 def plot_all(rows, out: str) -> list[str]:
