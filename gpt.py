@@ -187,6 +187,9 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T == 0:
             raise ValueError("idx must hold at least one token (got T=0)")
+        if cache is not None and getattr(cache, "config", None) != self.config:
+            raise ValueError(f"this cache was built for another model config ({getattr(cache, 'config', None)}); "
+                             f"build it with KVCache(model.config, ...) for this model ({self.config})")
         start = 0 if cache is None else cache.seq_len  # position of the first new token
         if start + T > self.config.block_size:
             raise ValueError(

@@ -132,13 +132,10 @@ class KVCache:
             self.peak_bytes = max(self.peak_bytes, self.memory_bytes())
             L = sum(p[0].size(2) for p in parts)
             self.peak_scores_bytes = max(self.peak_scores_bytes, q.size(0) * q.size(1) * q.size(2) * L * 4)
-        if self.backend == "triton" and q.size(2) == 1 and self._packed_pair(parts):  # fast/decode_quant.py
-            from fast.decode_quant import decode_attention_quant
-
-            st, (k, v, _, _) = parts[0].store, parts[1]
-            bits, group = st.quantized["k"][:2]
-            packed = [tuple(st.padded(f"{n}.{x}") for x in ("codes", "scale", "zero")) for n in ("k", "v")]
-            return decode_attention_quant(q, packed[0], packed[1], k, v, bits, group)
+        if self.backend == "triton" and q.size(2) == 1:  # packed low-bit parts: fast/decode_quant.py
+            routed = self._decode_quant(q, parts)
+            if routed is not None:
+                return routed
         if len(parts) == 1:
             k, v, k_pos, valid = parts[0]
         else:
@@ -163,16 +160,34 @@ class KVCache:
         return reference_attention(q, k, v, q_pos, k_pos, valid)
 
     @staticmethod
-    def _packed_pair(parts) -> bool:
-        """[packed low-bit store, full-precision part], heads uniform, same bits for k and v:
-        the shape kernel 2 takes (RTN's parts)."""
+    def _decode_quant(q, parts):
+        """Kernel 2 for the parts it takes: KIVI's single part (per-channel keys, see its
+        kernel_args), or one packed low-bit store (heads uniform, the same bits for keys and
+        values) among full-precision parts (RTN, Quantized: [low, full]; MiKV: [high, low, new]).
+        Returns (out, probs in the parts' order), or None for other shapes (kernel 1 then)."""
+        from fast.decode_quant import decode_attention_quant
+
         from .method import LowBitPart
 
-        if len(parts) != 2 or not isinstance(parts[0], LowBitPart) or isinstance(parts[1], LowBitPart):
-            return False
-        st = parts[0].store
-        return (st.uniform and parts[1][3] is None and st.max_len > 0
-                and st.quantized["k"][:2] == st.quantized["v"][:2])
+        if len(parts) == 1 and hasattr(parts[0], "kernel_args"):
+            return decode_attention_quant(q, **parts[0].kernel_args())
+        low = [i for i, p in enumerate(parts) if isinstance(p, LowBitPart)]
+        if len(low) != 1:
+            return None
+        i, part = low[0], parts[low[0]]
+        st, LQ = part.store, part.n
+        full = [p for j, p in enumerate(parts) if j != i]
+        if not (st.uniform and LQ > 0 and st.quantized["k"][:2] == st.quantized["v"][:2]
+                and full and all(p[3] is None for p in full)):
+            return None
+        bits, group = st.quantized["k"][:2]
+        packed = [tuple(part.packed(f"{n}.{x}") for x in ("codes", "scale", "zero")) for n in ("k", "v")]
+        k, v = (torch.cat([p[j] for p in full], dim=2) for j in (0, 1))
+        out, probs = decode_attention_quant(q, packed[0], packed[1], k, v, bits, group)
+        n_before = sum(p[0].size(2) for p in parts[:i])  # the kernel puts low-bit tokens first
+        if n_before:
+            probs = torch.cat([probs[..., LQ:LQ + n_before], probs[..., :LQ], probs[..., LQ + n_before:]], dim=-1)
+        return out, probs
 
     def _start(self, batch, dtype, device):
         if self.backend == "triton" and device.type != "cuda":
@@ -240,6 +255,8 @@ class KVCache:
 
     def _stores_with_positions(self, layer_idx):
         self._check_started()
+        if not 0 <= layer_idx < self.config.n_layer:
+            raise ValueError(f"layer_idx must be in [0, {self.config.n_layer}), got {layer_idx}")
         layer = self.layers[layer_idx]
         return [st for st in (layer, *layer.segments.values()) if "pos" in st.fields]
 
@@ -256,6 +273,9 @@ class KVCache:
         """(positions, bits) of the tokens kept by one head, sorted by position; bits is the
         storage precision of each (the model dtype's bits for full-precision entries)."""
         self._check_started()
+        for name, value, n in (("batch", batch, self.batch_size), ("head", head, self.config.n_head)):
+            if not 0 <= value < n:
+                raise ValueError(f"{name} must be in [0, {n}), got {value}")
         full_bits = torch.finfo(self.dtype).bits
         pos, bits = [], []
         for st in self._stores_with_positions(layer_idx):

@@ -38,6 +38,17 @@ def _check_int(name, value, low, high=None, allow_none=False):
         raise ValueError(f"{name} must be {rng}, got {value}")
 
 
+def _check_number(name, value, low, high=None, low_open=False, note=""):
+    """value must be a real number in [low, high] ((low, high] with low_open; no upper bound
+    with high None). Bools, strings and NaN are rejected with the argument's name."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    ok = (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:  # NaN fails every comparison
+        rng = f"{'(' if low_open else '['}{low}, {high}]" if high is not None else f"{'>' if low_open else '>='} {low}"
+        raise ValueError(f"{name} must be {'in ' if high is not None else ''}{rng}{note}, got {value!r}")
+
+
 def store_part(store: Ragged, k: str = "k", v: str = "v"):
     """(keys, values, positions, validity) of a full-precision store, padded (B, H, L, ...)."""
     valid = None if store.uniform else store.valid_mask()
@@ -45,17 +56,23 @@ def store_part(store: Ragged, k: str = "k", v: str = "v"):
 
 
 class LowBitPart:
-    """A store of packed low-bit keys and values as an attention part. Indexed like a part,
-    (k, v, k_pos, valid), it dequantizes (once): the reference path. The Triton backend reads
-    the packed codes of `.store` directly instead (kernel 2, fast/decode_quant.py)."""
+    """A store of packed low-bit keys and values (its first `n` entries per head, all when n is
+    None; n needs equal head lengths) as an attention part. Indexed like a part, (k, v, k_pos,
+    valid), it dequantizes (once): the reference path. The Triton backend reads the packed codes
+    (`packed(name)`) directly instead (kernel 2, fast/decode_quant.py)."""
 
-    def __init__(self, store: Ragged):
-        self.store = store
+    def __init__(self, store: Ragged, n: int | None = None):
+        self.store, self.n = store, store.max_len if n is None else n
         self._part = None
+
+    def packed(self, name: str) -> torch.Tensor:
+        """Field `name` ("k.codes", "v.scale", ...) of the part's entries, (B, H, n, ...)."""
+        return self.store.padded(name)[:, :, :self.n]
 
     def __getitem__(self, i):
         if self._part is None:
-            self._part = store_part(self.store)
+            part = store_part(self.store)
+            self._part = part if self.n == self.store.max_len else tuple(t[:, :, :self.n] for t in part[:3]) + (None,)
         return self._part[i]
 
 

@@ -48,6 +48,10 @@ class AttentionProbe:
     def seq_len(self) -> int:
         return self.cache.seq_len
 
+    @property
+    def config(self):
+        return self.cache.config
+
     def attend(self, layer_idx: int, q, k, v):
         T = q.size(2)
         start = self.cache.seq_len if self.cache.layers is None else self.cache.layers[layer_idx].n_seen

@@ -7,6 +7,18 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# hypothesis profiles: "ci" (the default: derandomized, so CI is reproducible, a few examples per
+# test) and "long" (HYPOTHESIS_PROFILE=long python -m pytest tests/test_properties.py: many more).
+_common = dict(deadline=None, database=None, print_blob=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", derandomize=True, **_common)
+settings.register_profile("long", **_common)
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+settings.load_profile(PROFILE)
+# examples per (method, backend) in the property tests; the Triton interpreter is slow
+EXAMPLES = {"ci": {"torch": 20, "triton": 3}, "long": {"torch": 150, "triton": 25}}[PROFILE]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

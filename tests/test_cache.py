@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nanokv import METHODS, KVCache, Method, ScoredEviction, register
+from nanokv import METHODS, KVCache, ScoredEviction, register
 from nanokv.ragged import Ragged
 
 from conftest import make_method, peaked_model, walk_tensor_bytes
@@ -192,43 +192,6 @@ def test_ragged_attention_matches_per_head_loop():
         assert torch.allclose(out[0, h], p @ v, atol=1e-6)
         assert torch.allclose(probs[0, h, :, :n], p, atol=1e-6) and (probs[0, h, :, n:] == 0).all()
 
-
-# ----------------------------------------------------------------------------- bad input
-def test_cache_bad_input():
-    m = peaked_model()
-    with pytest.raises(ValueError, match="unknown method 'h3o'; valid methods: .*'full'"):
-        KVCache(m.config, "h3o")
-    with pytest.raises(ValueError, match="backend must be one of"):
-        KVCache(m.config, "full", backend="cuda")
-    with pytest.raises(TypeError, match="config must be a GPTConfig"):
-        KVCache({"n_layer": 2}, "full")
-    with pytest.raises(TypeError, match="method must be a name or a nanokv.Method"):
-        KVCache(m.config, 3)
-    with pytest.raises(TypeError, match="keyword arguments are only accepted"):
-        KVCache(m.config, Method(), budget=3)
-    cache = KVCache(m.config)
-    m(torch.zeros(2, 5, dtype=torch.long), cache=cache)
-    with pytest.raises(ValueError, match="batch size 1 differs"):
-        m(torch.zeros(1, 1, dtype=torch.long), cache=cache)
-    other = peaked_model(n_head=2)
-    with pytest.raises(ValueError, match="built for a config with 4 heads"):
-        other(torch.zeros(1, 3, dtype=torch.long), cache=KVCache(m.config))
-    with pytest.raises(RuntimeError, match="cache is empty"):
-        KVCache(m.config).kept_positions(0)
-    with pytest.raises(TypeError, match="dtype"):
-        m.double()(torch.zeros(2, 1, dtype=torch.long), cache=cache)
-
-
-@pytest.mark.parametrize("kw, err, match", [
-    (dict(budget=0), ValueError, r"budget must be >= 1, got 0"),
-    (dict(budget=-4), ValueError, r"budget must be >= 1"),
-    (dict(budget=2.5), TypeError, r"budget must be an int"),
-    (dict(budget=8, window=-1), ValueError, r"window must be >= 0"),
-    (dict(budget=8, window=6, n_sink=4), ValueError, r"n_sink \+ window \(4 \+ 6\) must be <= budget \(8\)"),
-])
-def test_method_bad_parameters(kw, err, match):
-    with pytest.raises(err, match=match):
-        METHODS["knorm"](**kw)
 
 
 def test_short_prompt_is_not_compressed():

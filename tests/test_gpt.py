@@ -1,4 +1,4 @@
-"""Our GPT against Hugging Face GPT-2, cached against uncached, loading, bad input."""
+"""Our GPT against Hugging Face GPT-2, cached against uncached, loading (bad input: test_bad_input.py)."""
 
 import os
 
@@ -107,77 +107,3 @@ def test_own_checkpoint_roundtrip(tmp_path):
     with torch.no_grad():
         assert torch.equal(m(idx)[0], m2(idx)[0])
     assert m2.tokenizer_name == "byte" and m2.tokenizer.decode(m2.tokenizer.encode("hé")) == "hé"
-
-
-# ----------------------------------------------------------------------------- bad input
-def test_sequence_past_block_size():
-    m = peaked_model(block_size=32)
-    with pytest.raises(ValueError, match="block_size"):
-        m(torch.zeros(1, 33, dtype=torch.long))
-    cache = KVCache(m.config)
-    m(torch.zeros(1, 30, dtype=torch.long), cache=cache)
-    with pytest.raises(ValueError, match="past the model's block_size"):
-        m(torch.zeros(1, 3, dtype=torch.long), cache=cache)
-    with pytest.raises(ValueError, match="past block_size"):
-        m.generate(torch.zeros(1, 30, dtype=torch.long), 5)
-
-
-@pytest.mark.parametrize("kw, match", [
-    (dict(n_layer=0), "n_layer"), (dict(n_embd=10, n_head=3), "divisible"),
-    (dict(dropout=1.5), "dropout"), (dict(block_size=-1), "block_size"),
-])
-def test_bad_config(kw, match):
-    with pytest.raises(ValueError, match=match):
-        GPTConfig(**kw)
-
-
-def test_unknown_names():
-    with pytest.raises(ValueError, match="unknown model 'gpt5'.*gpt2-medium"):
-        GPT.from_pretrained("gpt5")
-    with pytest.raises(ValueError, match="unknown preset"):
-        GPTConfig.preset("huge")
-
-
-def test_corrupt_and_mismatched_checkpoints(tmp_path):
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read checkpoint"):
-        GPT.from_pretrained(str(bad))
-    other = tmp_path / "other.pt"
-    torch.save({"hello": 1}, other)
-    with pytest.raises(ValueError, match="not a nanokv checkpoint"):
-        GPT.from_pretrained(str(other))
-    m = peaked_model()
-    ck = tmp_path / "m.pt"
-    m.save_checkpoint(str(ck))
-    ckpt = torch.load(ck, weights_only=True)
-    del ckpt["model"]["transformer.ln_f.weight"]
-    ckpt["model"]["transformer.extra"] = torch.zeros(1)
-    ckpt["model"]["transformer.wpe.weight"] = torch.zeros(3, 3)
-    torch.save(ckpt, ck)
-    with pytest.raises(ValueError) as e:
-        GPT.from_pretrained(str(ck))
-    msg = str(e.value)
-    assert "missing tensors: ['transformer.ln_f.weight']" in msg
-    assert "unexpected tensors: ['transformer.extra']" in msg
-    assert "transformer.wpe.weight: expected (256, 64), got (3, 3)" in msg
-
-
-def test_hf_dir_without_weights(tmp_path):
-    hf_model(tmp_path)
-    os.remove(tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match="no model.safetensors or pytorch_model.bin"):
-        GPT.from_pretrained(str(tmp_path))
-    (tmp_path / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="cannot read the weights"):
-        GPT.from_pretrained(str(tmp_path))
-
-
-def test_bad_idx():
-    m = peaked_model()
-    with pytest.raises(TypeError, match="idx"):
-        m(torch.zeros(4))
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        m.generate(torch.zeros(1, 2, dtype=torch.long), -1)
-    with pytest.raises(ValueError, match="temperature"):
-        m.generate(torch.zeros(1, 2, dtype=torch.long), 1, temperature=-1)

@@ -1,5 +1,5 @@
 """Merging methods: EMS (batched zero-class merge against a per-head loop, reductions, score
-invariants, budgets), CaM and D2O (reduce to their eviction policy), bad input."""
+invariants, budgets), CaM and D2O (reduce to their eviction policy)."""
 
 import copy
 
@@ -239,27 +239,9 @@ def test_d2o_with_infinite_threshold_is_h2o_with_sinks():
     assert torch.equal(run(m, h2o, idx), run(m, d2o, idx))
     ema = KVCache(m.config, "d2o", budget=12)
     run(m, ema, idx)
-    assert set(ema.method.tau) == {0, 1} and all(-1 <= t <= 1 for t in ema.method.tau.values())
+    tau = ema.method.tau  # per layer, one EMA threshold per batch row, fp32
+    assert set(tau) == {0, 1} and all(t.shape == (2,) and t.dtype == torch.float32 for t in tau.values())
+    assert all(((-1 <= t) & (t <= 1)).all() for t in tau.values())
     assert not torch.equal(ema.layers[0].padded("k"), h2o.layers[0].padded("k"))  # keys merged
     for layer in range(2):
         assert ema.kept_positions(layer, 1, 2)[:4].tolist() == [0, 1, 2, 3]  # sinks kept
-
-
-@pytest.mark.parametrize("name, kw, match", [
-    ("ems", dict(budget=8, window=8), r"window \(8\) must be < budget \(8\)"),
-    ("ems", dict(budget=64, mass=0.0), r"mass must be in \(0, 1\]"),
-    ("ems", dict(budget=64, mass=1.2), r"mass must be in \(0, 1\]"),
-    ("ems", dict(budget=64, tau=-2), r"tau must be a number >= -1"),
-    ("ems", dict(budget=64, key_merge="sum"), r"key_merge must be 'mean' or 'direction'"),
-    ("ems", dict(budget=64, head_budgets="layer"), r"head_budgets must be"),
-    ("ems", dict(budget=64, interval=0), r"interval must be >= 1"),
-    ("cam", dict(budget=16, m=0), r"m \(merge window\) must be an int >= 1"),
-    ("cam", dict(budget=16, max_prob=1.5), r"max_prob must be in \[0, 1\]"),
-    ("cam", dict(budget=4, recent=8), r"must be <= budget"),
-    ("d2o", dict(budget=16, alpha=2.0), r"alpha must be in \[0, 1\]"),
-    ("d2o", dict(budget=16, threshold=-3.0), r"threshold must be None"),
-    ("d2o", dict(budget=6), r"n_sink \+ window \(4 \+ 3\) must be <= budget \(6\)"),
-])
-def test_bad_parameters(name, kw, match):
-    with pytest.raises((ValueError, TypeError), match=match):
-        METHODS[name](**kw)

@@ -33,10 +33,3 @@ def test_gpt2_offline(tmp_path, files):
 def test_gpt2_env_var(monkeypatch):
     monkeypatch.setenv("NANOKV_GPT2_DIR", SHARED_GPT2)
     assert get_tokenizer("gpt2").encode("Hello world") == [15496, 995]
-
-
-def test_bad_tokenizer(tmp_path):
-    with pytest.raises(ValueError, match="unknown tokenizer 'bpe'"):
-        get_tokenizer("bpe")
-    with pytest.raises(FileNotFoundError, match="neither gpt2.tiktoken"):
-        get_tokenizer("gpt2", gpt2_dir=str(tmp_path))

@@ -51,36 +51,6 @@ def test_export_is_half_and_loads(tmp_path):
     assert torch.allclose(loaded.transformer.wte.weight, model.transformer.wte.weight, atol=1e-3)
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--episode-ratio", "1.5"], r"--episode-ratio must be in \[0, 1\]"),
-    (["--lines-share", "-0.1"], r"--lines-share must be in \[0, 1\]"),
-    (["--repeat-ratio", "2"], r"--repeat-ratio must be in \[0, 1\]"),
-    (["--curriculum", "256"], r"--curriculum lengths must be in \[96, --block-size=128\]"),
-    (["--steps", "0"], r"--steps and --batch-size must be >= 1"),
-])
-def test_bad_arguments(argv, match):
-    with pytest.raises(ValueError, match=match):
-        train_tiny.get_args(TINY_ARGS + argv)
-
-
-def test_bad_data_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        train_tiny.train(train_tiny.get_args(TINY_ARGS + ["--data", str(tmp_path / "nope.txt")]))
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
-    with pytest.raises(ValueError, match="empty or too short"):
-        train_tiny.train(train_tiny.get_args(TINY_ARGS + ["--data", str(empty)]))
-
-
-def test_block_size_larger_than_model(tmp_path):
-    args = train_tiny.get_args(TINY_ARGS + ["--steps", "1", "--eval-interval", "0", "--out", str(tmp_path / "t.pt")])
-    train_tiny.train(args)
-    bigger = train_tiny.get_args(TINY_ARGS[:2] + ["--block-size", "256", "--curriculum", "256", "--batch-size", "2",
-                                                  "--resume", str(tmp_path / "t.pt"), "--steps", "2"])
-    with pytest.raises(ValueError, match="larger than the model's block_size 128"):
-        train_tiny.train(bigger)
-
-
 def test_trains_on_a_text_file(tmp_path):
     path = tmp_path / "shakespeare.txt"
     path.write_text("First Citizen: Before we proceed any further, hear me speak.\n" * 200)
@@ -140,16 +110,6 @@ def test_lines_depth_picks_the_line(ingredients):
     assert first.needle_start < last.needle_start
     assert tok.decode(first.prompt[first.needle_start:]).startswith("line ")
     assert tok.decode(last.prompt[last.needle_start:last.context_len]).count("\n") == 1
-
-
-def test_episode_bad_input(ingredients):
-    tok, filler, words = ingredients
-    with pytest.raises(ValueError, match="depth must be in"):
-        passkey_episode(random.Random(0), tok, filler, 300, depth=1.5)
-    with pytest.raises(ValueError, match="length must be an int >= 48"):
-        lines_episode(random.Random(0), tok, filler, words, 10)
-    with pytest.raises(ValueError, match="unknown episode kind"):
-        make_episode("qa", random.Random(0), tok, filler, words, 100)
 
 
 def test_corpus_split_is_deterministic_and_disjoint():

@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from ..method import _check_number
 from .snapkv import SnapKV
 
 
@@ -31,8 +32,7 @@ class AdaKV(SnapKV):
 
     def __init__(self, budget: int, window: int = 32, kernel: int = 7, pool: str = "max", alpha: float = 0.2):
         super().__init__(budget, window=window, kernel=kernel, pool=pool)
-        if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-            raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+        _check_number("alpha", alpha, 0, 1)
         self.alpha = float(alpha)
 
     def select(self, layer, score):

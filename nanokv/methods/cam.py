@@ -15,11 +15,13 @@ Choices: the eviction policy is H2O's (the official code's sinks + recent window
 recent = budget - n_sink and no heavy hitters); W counts kept tokens only, as kvpress does;
 contributions of several evicted tokens add up (A is not changed by merging). The Bernoulli
 draws are seeded and stateless: each call uses a generator seeded from (seed, layer, tokens
-seen), so runs, clones and batch rows are reproducible.
+seen), so runs and clones are reproducible; every batch row uses the same draws, so a row's
+result does not depend on the batch it is in.
 """
 
 import torch
 
+from ..method import _check_number
 from .h2o import H2O
 
 
@@ -32,8 +34,7 @@ class CaM(H2O):
         super().__init__(budget, recent=recent, n_sink=n_sink)
         if not isinstance(m, int) or m < 1:
             raise ValueError(f"m (merge window) must be an int >= 1, got {m!r}")
-        if not 0.0 <= max_prob <= 1.0:
-            raise ValueError(f"max_prob must be in [0, 1], got {max_prob!r}")
+        _check_number("max_prob", max_prob, 0, 1)
         self.m, self.max_prob, self.seed = m, float(max_prob), seed
 
     def compress(self, layer):
@@ -59,7 +60,8 @@ class CaM(H2O):
         p = torch.where(mean_a > 0, acc / mean_a.clamp(min=1e-30), (acc > 0).float())
         p = p.clamp(0.0, self.max_prob) * (size > 0)
         g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + layer.index * 10_007 + layer.n_seen)
-        z = (torch.rand(B, H, L, generator=g) < p.cpu()).to(p.device)
+        u = torch.rand(H, L, generator=g).expand(B, H, L)  # the same draws for every batch row
+        z = (u < p.cpu()).to(p.device)
         share = (W * (z / size.clamp(min=1))[..., None]).to(layer.dtype)  # (B, H, L_e, L_j)
         v = layer.padded("v")
         layer.set_padded("v", v + share.transpose(-1, -2) @ v)

@@ -8,14 +8,16 @@ kept token c* by key cosine similarity,
     s_e = max over kept c of cos(k_e, k_c),      c*(e) = argmax
 and merged into it when s_e reaches a threshold tau tracked as an exponential moving average
     tau = mean(s) at the layer's first eviction, then tau <- alpha * tau + beta * mean(s)
-(alpha = beta = 0.5; the mean is over the call's evicted tokens of all heads). Keys and values
+(alpha = beta = 0.5; the mean is over the call's evicted tokens of all heads, per sequence:
+each batch row has its own tau). Keys and values
 of c* become the mean of the center and its weighted members (the official code's
 scatter-mean including the center itself):
     k_c <- (k_c + sum over e->c of s_e * k_e) / (1 + |{e -> c}|),   v_c likewise.
 `threshold` fixes tau instead (threshold=inf never merges: exactly H2O with its sinks).
 
 Choices: the decision is made per head (the official code averages s_e over heads, which
-only makes sense when all heads evict the same tokens); tau is per layer, kept in fp32.
+only makes sense when all heads evict the same tokens); tau is per layer and batch row, kept in
+fp32 (B floats per layer of method state).
 Not implemented: the optional per-layer budgets from attention variance (layers get the
 same budget here).
 """
@@ -25,6 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..method import _check_number
 from .h2o import H2O
 
 
@@ -35,13 +38,12 @@ class D2O(H2O):
     def __init__(self, budget: int, recent: int | None = None, n_sink: int = 4, alpha: float = 0.5,
                  beta: float = 0.5, threshold: float | None = None):
         super().__init__(budget, recent=recent, n_sink=n_sink)
-        for name, value in (("alpha", alpha), ("beta", beta)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-        if threshold is not None and not (isinstance(threshold, (int, float)) and (threshold >= -1 or math.isinf(threshold))):
-            raise ValueError(f"threshold must be None (EMA) or a number >= -1, got {threshold!r}")
+        _check_number("alpha", alpha, 0, 1)
+        _check_number("beta", beta, 0, 1)
+        if threshold is not None:
+            _check_number("threshold", threshold, -1, note=" (or None: the EMA threshold; inf: no merging)")
         self.alpha, self.beta, self.threshold = float(alpha), float(beta), threshold
-        self.tau: dict[int, float] = {}  # layer -> EMA threshold
+        self.tau: dict[int, torch.Tensor] = {}  # layer -> EMA threshold per batch row (B,) fp32
 
     @classmethod
     def scaled(cls, budget, **kwargs):
@@ -65,22 +67,28 @@ class D2O(H2O):
         s, center = cos.max(dim=-1)  # (B, H, L_e)
         if not evicted.any():
             return
-        mean_s = s[evicted].mean().item()
+        n_e = evicted.sum(dim=(1, 2))  # (B,) evicted tokens per row, over all heads
+        mean_s = s.masked_fill(~evicted, 0.0).sum(dim=(1, 2)) / n_e.clamp(min=1)  # (B,)
         if self.threshold is not None:
-            tau = self.threshold
-        elif layer.index not in self.tau:
-            tau = mean_s
+            tau = torch.full_like(mean_s, self.threshold)
         else:
-            tau = self.alpha * self.tau[layer.index] + self.beta * mean_s
-        if self.threshold is None:
+            old = self.tau.get(layer.index)
+            tau = mean_s if old is None else self.alpha * old + self.beta * mean_s
+            if old is not None:
+                tau = torch.where(n_e > 0, tau, old)  # a row that evicts nothing keeps its tau
             self.tau[layer.index] = tau
-        merge = evicted & (s >= tau)  # (B, H, L_e)
+        merge = evicted & (s >= tau[:, None, None])  # (B, H, L_e)
         w = torch.where(merge, s, torch.zeros_like(s))  # weight s_e of each merged token
         onehot = F.one_hot(center, k.size(2)).float() * merge[..., None]  # (B, H, L_e, L_c)
         count = 1 + onehot.sum(dim=2)  # (B, H, L_c) the center plus its members
         wk = (onehot * w[..., None]).transpose(-1, -2)  # (B, H, L_c, L_e)
         layer.set_padded("k", ((k + wk @ k) / count[..., None]).to(layer.dtype))
         layer.set_padded("v", ((v + wk @ v) / count[..., None]).to(layer.dtype))
+
+    def state_nbytes(self):
+        out = super().state_nbytes()
+        out["method_state"] += sum(t.numel() * t.element_size() for t in self.tau.values())
+        return out
 
     def reset(self):
         self.tau = {}

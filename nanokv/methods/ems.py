@@ -44,7 +44,7 @@ Method state: s_glo (4 bytes) and the local ring (4 * window bytes) per token.
 import torch
 import torch.nn.functional as F
 
-from ..method import Method, _check_int, top_k_mask
+from ..method import Method, _check_int, _check_number, top_k_mask
 from .adakv import headwise_topk
 
 
@@ -62,16 +62,13 @@ class EMS(Method):
         _check_int("interval", interval, 1)
         if window >= budget:
             raise ValueError(f"window ({window}) must be < budget ({budget}): no room for class centers")
-        if not 0.0 < mass <= 1.0:
-            raise ValueError(f"mass must be in (0, 1], got {mass!r}")
-        if not (isinstance(tau, (int, float)) and tau >= -1.0):
-            raise ValueError(f"tau must be a number >= -1 (inf disables merging), got {tau!r}")
+        _check_number("mass", mass, 0, 1, low_open=True)
+        _check_number("tau", tau, -1, note=" (inf disables merging)")
         if key_merge not in ("mean", "direction"):
             raise ValueError(f"key_merge must be 'mean' or 'direction', got {key_merge!r}")
         if head_budgets not in ("uniform", "adaptive"):
             raise ValueError(f"head_budgets must be 'uniform' or 'adaptive', got {head_budgets!r}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+        _check_number("alpha", alpha, 0, 1)
         self.window, self.mass, self.tau, self.key_merge = window, float(mass), float(tau), key_merge
         self.probs_rows = window  # observe reads column sums and the last `window` rows
         self.head_budgets, self.alpha, self.interval, self.nonneg_cos = head_budgets, float(alpha), interval, nonneg_cos

@@ -16,6 +16,7 @@ prompt no longer than `budget` is not compressed in any layer.
 
 import math
 
+from ..method import _check_number
 from .snapkv import SnapKV
 
 
@@ -39,8 +40,7 @@ class PyramidKV(SnapKV):
 
     def __init__(self, budget: int, window: int = 32, kernel: int = 7, pool: str = "max", beta: float = 20.0):
         super().__init__(budget, window=window, kernel=kernel, pool=pool)
-        if not (isinstance(beta, (int, float)) and beta >= 1):
-            raise ValueError(f"beta must be a number >= 1, got {beta!r}")
+        _check_number("beta", beta, 1)
         self.beta = float(beta)
         self.layer_budgets = None  # set from the model config
 
