@@ -9,9 +9,9 @@ them in low precision. Nothing is ever dropped.
     [rho 20%]: the `recent` fraction of them newest [0.5: H2O's half/half] plus the rest by F.
     The others are demoted to `bits_lo` bits [2; 3 or 4] (per-token groups).
   - Demotion is one-way: a token's precision only goes down.
-  - High precision is the model's dtype [bits_hi None]; 8 or 4 bits are options.
+  - High precision is the model's dtype [bits_hi None]; 8 or 4 bits are options (bits_lo below).
 Outlier-aware query/key channel balancer [balancer True]: at prefill, per layer, batch row,
-head and channel c, over the prompt,
+head and channel c, over the prompt (at least the first `calibrate` tokens [32]),
     b_c = sqrt(max_t |Q[t, c]| / max_t |K[t, c]|)
 keys are stored multiplied by b (before quantization) and every query is divided by b, so
 q . k is unchanged in exact arithmetic while the keys' outlier channels shrink. With the
@@ -21,15 +21,19 @@ tokens stay in the model dtype), used to test the policy and the balancer alone.
 
 Choices: ceil(rho * n) (so rho = 1 keeps everything in high precision); importance is only
 accumulated for high-precision tokens (demoted tokens never come back); the balance factors
-are fixed at prefill and kept as fp32 method state (B * H * D per layer); a channel with
-max |K| = 0 or max |Q| = 0 gets b = 1.
+are fixed once the layer has seen `calibrate` tokens, normally within the prompt, and kept as
+fp32 method state (B * H * D per layer); a channel with max |K| = 0 or max |Q| = 0 gets b = 1.
+A stream that starts with short calls (token by token) would otherwise fix b from one token:
+until `calibrate` tokens are seen the running maxima are tracked (2 * B * H * D fp32), nothing
+is balanced and nothing is demoted (the cache briefly holds them all in high precision); then
+b is computed, the held keys are rescaled, and demotion starts.
 """
 
 import math
 
 import torch
 
-from ..method import Method, _check_int, store_part, top_k_mask
+from ..method import LowBitPart, Method, _check_int, _check_number, store_part, top_k_mask
 from ..quant import check_bits, check_group
 from ..ragged import Ragged
 
@@ -42,21 +46,24 @@ class MiKV(Method):
     lossy = True  # lossless only at rho = 1 without the balancer
 
     def __init__(self, rho: float = 0.2, bits_lo: int | None = 2, bits_hi: int | None = None,
-                 group: int | None = None, balancer: bool = True, recent: float = 0.5):
+                 group: int | None = None, balancer: bool = True, recent: float = 0.5, calibrate: int = 32):
         super().__init__(budget=None)
-        if not (isinstance(rho, (int, float)) and 0.0 < rho <= 1.0):
-            raise ValueError(f"rho must be in (0, 1], got {rho!r}")
+        _check_number("rho", rho, 0, 1, low_open=True)
         if bits_lo is not None:
             check_bits(bits_lo, "bits_lo")
         if bits_hi is not None and bits_hi not in (4, 8):
             raise ValueError(f"bits_hi must be None (the model dtype), 8 or 4, got {bits_hi!r}")
+        if bits_hi is not None and (bits_lo is None or bits_lo >= bits_hi):  # demotion must lower precision
+            raise ValueError(f"bits_lo ({bits_lo}) must be below bits_hi ({bits_hi}): demotion lowers precision "
+                             "(None = the model dtype, the highest)")
         if group is not None:
             _check_int("group", group, 1)
-        if not 0.0 <= recent <= 1.0:
-            raise ValueError(f"recent must be in [0, 1], got {recent!r}")
+        _check_number("recent", recent, 0, 1)
+        _check_int("calibrate", calibrate, 1)
         self.rho, self.bits_lo, self.bits_hi, self.group = float(rho), bits_lo, bits_hi, group
-        self.balancer, self.recent = bool(balancer), float(recent)
+        self.balancer, self.recent, self.calibrate = bool(balancer), float(recent), calibrate
         self.scales: dict[int, torch.Tensor] = {}  # layer -> balance factors (B, H, 1, D)
+        self._maxima: dict[int, tuple] = {}  # layer -> running (max |q|, max |k|) until calibrated
 
     def check_config(self, config):
         D = config.n_embd // config.n_head
@@ -87,20 +94,37 @@ class MiKV(Method):
     # ------------------------------------------------------------------ one call
     def attend(self, cache, layer, q, k, v, q_pos):
         B, H, T, D = q.shape
-        if self.balancer:
-            if layer.n_seen == 0:
-                self.scales[layer.index] = balance_factors(q, k)
+        hi, lo = layer.segments["hi"], layer.segments["lo"]
+        if self.balancer and layer.index not in self.scales:
+            self.calibrate_balancer(layer, q, k, n_seen=layer.n_seen + T)
+        if self.balancer and layer.index in self.scales:
             b = self.scales[layer.index]
             q, k = (q.float() / b).to(q.dtype), (k.float() * b).to(k.dtype)
-        hi, lo = layer.segments["hi"], layer.segments["lo"]
         pos = q_pos.to(torch.int32).expand(B, H, T)
-        parts = [store_part(hi), store_part(lo), (k, v, pos, None)]
+        parts = [store_part(hi), self.low_part(lo), (k, v, pos, None)]
         out, probs = cache.attention_over(q, parts, q_pos)  # this call's tokens at full precision
         n_hi, n_lo = hi.max_len, lo.max_len
         hi.set_padded("acc", hi.padded("acc") + probs[..., :n_hi].sum(dim=2))
         hi.append(k=k, v=v, pos=pos, acc=probs[..., n_hi + n_lo:].sum(dim=2))
-        self.demote(layer, n_seen=layer.n_seen + T)
+        if layer.index in self.scales or not self.balancer:  # nothing is demoted before calibration
+            self.demote(layer, n_seen=layer.n_seen + T)
         return out
+
+    def calibrate_balancer(self, layer, q, k, n_seen: int):
+        """Track max |q| and max |k| per channel; once `calibrate` tokens are seen, fix the balance
+        factors and rescale the keys already held (all in the high-precision tier)."""
+        mq, mk = q.float().abs().amax(dim=2, keepdim=True), k.float().abs().amax(dim=2, keepdim=True)
+        if layer.index in self._maxima:
+            old_q, old_k = self._maxima[layer.index]
+            mq, mk = torch.maximum(mq, old_q), torch.maximum(mk, old_k)
+        if n_seen < self.calibrate:
+            self._maxima[layer.index] = (mq, mk)
+            return
+        self._maxima.pop(layer.index, None)
+        b = self.scales[layer.index] = ratio_factors(mq, mk)
+        hi = layer.segments["hi"]
+        if hi.max_len:
+            hi.set_padded("k", (hi.padded("k").float() * b).to(layer.dtype))
 
     def demote(self, layer, n_seen: int):
         """Move the tokens H2O would evict from the high- to the low-precision tier."""
@@ -117,20 +141,29 @@ class MiKV(Method):
         lo.append(k=take(k), v=take(v), pos=take(pos))
         hi.keep(keep)
 
+    def low_part(self, lo):
+        """The low tier as an attention part (packed: the Triton backend reads its codes directly)."""
+        return store_part(lo) if self.bits_lo is None else LowBitPart(lo)
+
     def gather(self, layer):
-        return [store_part(layer.segments["hi"]), store_part(layer.segments["lo"])]
+        return [store_part(layer.segments["hi"]), self.low_part(layer.segments["lo"])]
 
     def state_nbytes(self):
         out = super().state_nbytes()
         out["method_state"] += sum(t.numel() * t.element_size() for t in self.scales.values())
+        out["method_state"] += sum(t.numel() * t.element_size() for pair in self._maxima.values() for t in pair)
         return out
 
     def reset(self):
-        self.scales = {}
+        self.scales, self._maxima = {}, {}
 
 
 def balance_factors(q, k):
     """b (B, H, 1, D) = sqrt(max_t |q| / max_t |k|) per channel, 1 where either max is 0."""
-    mq, mk = q.float().abs().amax(dim=2, keepdim=True), k.float().abs().amax(dim=2, keepdim=True)
+    return ratio_factors(q.float().abs().amax(dim=2, keepdim=True), k.float().abs().amax(dim=2, keepdim=True))
+
+
+def ratio_factors(mq, mk):
+    """sqrt(mq / mk) elementwise from per-channel maxima, 1 where either is 0."""
     ok = (mq > 0) & (mk > 0)
     return torch.where(ok, torch.sqrt(mq / torch.where(ok, mk, torch.ones_like(mk))), torch.ones_like(mq))
