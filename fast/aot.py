@@ -63,14 +63,14 @@ def cases():
             per, nbytes = quant.chunk_of(bits)
             types = {"Q": f"*{elem}", "KC": "*u8", "KS": "*fp16", "KZ": "*fp16", "VC": "*u8", "VS": "*fp16",
                      "VZ": "*fp16", "K": f"*{elem}", "V": f"*{elem}", "SCORES": "*fp32", "M_PART": "*fp32",
-                     "L_PART": "*fp32", "ACC_PART": "*fp32", "H": "i32", "LQ": "i32", "LF": "i32", "D": "i32",
-                     "scale": "fp32", "S": "i32", "SQ": "i32"}
+                     "L_PART": "*fp32", "ACC_PART": "*fp32", "H": "i32", "L": "i32", "LQK": "i32", "LQV": "i32",
+                     "D": "i32", "scale": "fp32", "S": "i32"}
             types.update({n: "i32" for n in decode_quant.decode_quant_partial_kernel.arg_names if n.startswith("s")
                           and n not in types})
-            for block_d in (64, 128):
+            for block_d, per_channel in ((64, False), (128, False), (128, True)):  # RTN/MiKV; KIVI's keys
                 yield decode_quant.decode_quant_partial_kernel, types, {
-                    "BITS": bits, "GROUP": 32, "PER": per, "NBYTES": nbytes, "CHUNK": 128, "BLOCK_N": 32,
-                    "BLOCK_D": block_d}
+                    "BITS": bits, "GROUP": 32, "PER": per, "NBYTES": nbytes, "KEY_PER_CHANNEL": per_channel,
+                    "CHUNK": 128, "BLOCK_N": 32, "BLOCK_D": block_d}
             types = {"X": f"*{elem}", "PACKED": "*u8", "SCALE": "*fp16", "ZERO": "*fp16", "n": "i32",
                      "sx": "i32", "sp": "i32", "ss": "i32"}
             yield quant.quantize_pack_kernel, types, {"BITS": bits, "GROUP": 32, "PER": per, "NBYTES": nbytes}

@@ -75,6 +75,20 @@ def check_kernels(dev) -> list[dict]:
                                      torch.arange(LQ + LF, device=dev).expand(B, H, LQ + LF))
         rows.append({"kernel": "decode_quant", "bits": bits, "max_out_diff": (out.float() - ro).abs().max().item(),
                      "max_probs_diff": (probs - rp).abs().max().item()})
+        # KIVI's layout: keys per channel in chunks of 32 tokens, then a key residual of 9 tokens
+        C, LQV = 24, 700
+        keys, vals = (torch.randn(B, H, C * 32 + 9, D, device=dev, generator=g).half() for _ in "kv")
+        codes, sc, ze = quantize_packed(keys[:, :, :C * 32].float().reshape(B, H, C, 32, D).transpose(-1, -2), bits, 32)
+        vq = quantize_packed(vals[:, :, :LQV], bits, 32)
+        out, probs = decode_attention_quant(q, (codes, sc[..., 0], ze[..., 0]), vq, keys[:, :, C * 32:],
+                                            vals[:, :, LQV:], bits, 32, key_layout="channel")
+        k_old = dequantize_packed(codes, sc, ze, bits, 32).transpose(-1, -2).reshape(B, H, C * 32, D)
+        K = torch.cat([k_old, keys[:, :, C * 32:].float()], 2)
+        V = torch.cat([dequantize_packed(*vq, bits, D), vals[:, :, LQV:].float()], 2)
+        L = K.size(2)
+        ro, rp = reference_attention(q.float(), K, V, torch.tensor([L], device=dev), torch.arange(L, device=dev).expand(B, H, L))
+        rows.append({"kernel": "decode_quant_kivi", "bits": bits, "max_out_diff": (out.float() - ro).abs().max().item(),
+                     "max_probs_diff": (probs - rp).abs().max().item()})
     return rows
 
 

@@ -23,6 +23,8 @@ Storage per layer (all heads hold the same tokens; nothing is evicted):
   main store      full-precision key residual: k (D,), pos
   segments["vq"]  per-token quantized values: codes ceil(D*b/8), scale, zero (D/group,) fp16
   segments["vr"]  full-precision value residual: v (D,)
+Attention reads one part, KIVIPart: indexed like a part it dequantizes (the reference path);
+the Triton backend hands its packed codes to kernel 2 instead (fast/decode_quant.py).
 """
 
 import torch
@@ -81,6 +83,10 @@ class KIVI(Method):
         return out
 
     def gather(self, layer):
+        return [KIVIPart(self, layer)]
+
+    def dequantized(self, layer):
+        """(k, v, pos, None): every token's key and value, (B, H, n, D), in token order."""
         kq, vq, vr = layer.segments["kq"], layer.segments["vq"], layer.segments["vr"]
         dtype, G, D = layer.dtype, self.G, layer.trailing["k"][0]
         B, H, C = kq.batch, kq.heads, kq.max_len  # C chunks of G tokens per head
@@ -92,7 +98,7 @@ class KIVI(Method):
         k = torch.cat([k_old, layer.padded("k")], dim=2)
         v = torch.cat([v_old, vr.padded("v")], dim=2)
         pos = torch.cat([kq.padded("pos").reshape(B, H, C * G), layer.padded("pos")], dim=2)
-        return [(k, v, pos, None)]
+        return k, v, pos, None
 
     def compress(self, layer):
         B, H, R, G = layer.batch, layer.heads, self.residual, self.G
@@ -116,3 +122,23 @@ class KIVI(Method):
         mask = torch.ones(store.batch, store.heads, store.max_len, dtype=torch.bool, device=store.lengths.device)
         mask[:, :, :n] = False
         return mask
+
+
+class KIVIPart:
+    """KIVI's keys and values as one attention part (k, v, pos, valid), dequantized once when
+    read; kernel_args() gives kernel 2 the packed codes and the full-precision residuals."""
+
+    def __init__(self, method: KIVI, layer: Ragged):
+        self.method, self.layer, self._part = method, layer, None
+
+    def __getitem__(self, i):
+        if self._part is None:
+            self._part = self.method.dequantized(self.layer)
+        return self._part[i]
+
+    def kernel_args(self) -> dict:
+        kq, vq, vr = (self.layer.segments[n] for n in ("kq", "vq", "vr"))
+        return dict(kq=tuple(kq.padded(n) for n in ("codes", "scale", "zero")),
+                    vq=tuple(vq.padded(f"v.{n}") for n in ("codes", "scale", "zero")),
+                    k=self.layer.padded("k"), v=vr.padded("v"), bits=self.method.bits, group=self.method.G,
+                    key_layout="channel")

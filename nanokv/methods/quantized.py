@@ -18,7 +18,7 @@ position + the wrapped method's state.
 
 import torch
 
-from ..method import Method, store_part
+from ..method import LowBitPart, Method, store_part
 from ..quant import check_bits, check_group
 
 
@@ -77,9 +77,19 @@ class Quantized(Method):
             self._fresh = None
 
     def gather(self, layer):
-        """The stored entries, dequantized, with this call's tokens at full precision."""
-        k, v, pos, valid = store_part(layer)  # (B, H, L, D) dequantized
+        """The stored entries, dequantized, with this call's tokens at full precision. This call's
+        tokens are the newest, so the last entries of every head; when each head ends with the
+        same number m of them (the usual case), two parts: the packed older entries (the Triton
+        backend reads their codes directly, kernel 2) and the m new ones, exact."""
         fk, fv, first = self._fresh
+        pos = layer.padded("pos", fill=-1)  # (B, H, L)
+        n_new = (pos >= first).sum(dim=-1)  # (B, H)
+        m, L = int(n_new.max()), layer.max_len
+        if layer.uniform and bool((n_new == m).all()):
+            new_pos = pos[:, :, L - m:]
+            idx = (new_pos.long() - first)[..., None].expand(-1, -1, -1, fk.size(-1))
+            return [LowBitPart(layer, L - m), (fk.gather(2, idx), fv.gather(2, idx), new_pos, None)]
+        k, v, pos, valid = store_part(layer)  # (B, H, L, D) dequantized
         new = (pos >= first)[..., None]  # entries of this call
         idx = (pos.long() - first).clamp(0, fk.size(2) - 1)[..., None].expand(-1, -1, -1, k.size(-1))
         k = torch.where(new, fk.gather(2, idx), k)
