@@ -22,6 +22,7 @@ training arguments (so --resume continues exactly); --export writes a compact fp
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import random
@@ -66,6 +67,9 @@ def get_args(argv=None):
     p.add_argument("--export", help="also write an fp16 checkpoint without optimizer here at the end")
     p.add_argument("--resume", help="continue from this training checkpoint")
     p.add_argument("--stop-after", type=int, help="stop (and save) after this step, keeping the --steps schedule")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="keep an exponential moving average of the weights with this decay (e.g. 0.998); "
+                        "evaluation, checkpoints' model and --export then use the average [0 = off]")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -79,6 +83,8 @@ def check_args(args):
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if args.steps < 1 or args.batch_size < 1:
         raise ValueError("--steps and --batch-size must be >= 1")
+    if not 0.0 <= args.ema < 1.0:
+        raise ValueError(f"--ema must be in [0, 1) (0 = off), got {args.ema}")
     if not 0.0 <= args.min_lr_frac <= 1.0:
         raise ValueError(f"--min-lr-frac must be in [0, 1], got {args.min_lr_frac}")
     lengths = [int(x) for x in args.curriculum.split(",")]
@@ -166,11 +172,15 @@ def configure_optimizer(model, args):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
 
 
-def save(path, model, opt, step, rng, args, log):
+def save(path, model, opt, step, rng, args, log, ema=None):
+    """The training checkpoint. With --ema its "model" is the average and "raw_model" the trained
+    weights (resume continues both)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    model.save_checkpoint(path, optimizer=opt.state_dict(), step=step, rng_state=list(rng.getstate()[1]),
-                          rng_version=rng.getstate()[0], torch_rng=torch.get_rng_state(),
-                          train_args=vars(args), log=log, corpus=None if args.data else corpus_info())
+    extra = {} if ema is None else {"raw_model": model.state_dict()}
+    (model if ema is None else ema).save_checkpoint(
+        path, optimizer=opt.state_dict(), step=step, rng_state=list(rng.getstate()[1]), **extra,
+        rng_version=rng.getstate()[0], torch_rng=torch.get_rng_state(),
+        train_args=vars(args), log=log, corpus=None if args.data else corpus_info())
 
 
 def train(args):
@@ -185,6 +195,8 @@ def train(args):
         ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
         if "optimizer" not in ckpt:
             raise ValueError(f"{args.resume!r} has no optimizer state (an exported checkpoint?); cannot resume")
+        if "raw_model" in ckpt:  # trained with --ema: "model" is the average
+            model.load_state_dict(ckpt["raw_model"])
         step, log = ckpt["step"], ckpt.get("log", [])
         rng.setstate((ckpt["rng_version"], tuple(ckpt["rng_state"]), None))
         torch.set_rng_state(ckpt["torch_rng"])
@@ -197,6 +209,10 @@ def train(args):
         raise ValueError(f"--block-size {args.block_size} is larger than the model's block_size "
                          f"{model.config.block_size}")
     model.to(args.device).train()
+    ema = None
+    if args.ema:  # the average starts from the checkpoint's "model" (the average, if it had one)
+        ema = GPT.from_pretrained(args.resume) if args.resume else copy.deepcopy(model)
+        ema.to(args.device).eval().requires_grad_(False)
     opt = configure_optimizer(model, args)
     if args.resume:
         opt.load_state_dict(ckpt["optimizer"])
@@ -218,20 +234,24 @@ def train(args):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(p, 1.0 - args.ema)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", T=T)
         last = step + 1 == end
         if args.eval_interval and ((step + 1) % args.eval_interval == 0 or last):
-            bpb = val_bits_per_byte(model, data, args)
-            acc = retrieval_accuracy(model, data, args.eval_episodes, args.block_size)
+            bpb = val_bits_per_byte(ema or model, data, args)
+            acc = retrieval_accuracy(ema or model, data, args.eval_episodes, args.block_size)
             entry = {"step": step + 1, "val_bpb": round(bpb, 4), **acc, "minutes": round((time.time() - t0) / 60, 2)}
             log.append(entry)
             tqdm.write(str(entry))
-            save(args.out, model, opt, step + 1, rng, args, log)
+            save(args.out, model, opt, step + 1, rng, args, log, ema)
     if not args.eval_interval:
-        save(args.out, model, opt, end, rng, args, log)
+        save(args.out, model, opt, end, rng, args, log, ema)
     if args.export:
-        model.save_checkpoint(args.export, half=True, train_args=vars(args), log=log,
+        (ema or model).save_checkpoint(args.export, half=True, train_args=vars(args), log=log,
                               corpus=None if args.data else corpus_info())
     return model, log, losses
 
