@@ -41,6 +41,20 @@ def test_checkpoint_resume_is_exact(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), resumed.state_dict().values()))
 
 
+def test_weight_average_is_saved_and_resumes_exactly(tmp_path):
+    common = TINY_ARGS + ["--steps", "6", "--eval-interval", "3", "--warmup", "2", "--ema", "0.9"]
+    train_tiny.train(train_tiny.get_args(common + ["--out", str(tmp_path / "a.pt")]))
+    train_tiny.train(train_tiny.get_args(common + ["--out", str(tmp_path / "b.pt"), "--stop-after", "3"]))
+    train_tiny.train(train_tiny.get_args(common + ["--out", str(tmp_path / "b.pt"), "--resume", str(tmp_path / "b.pt")]))
+    a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in "ab")
+    for field in ("model", "raw_model"):  # the average and the trained weights, both resumed exactly
+        assert a[field].keys() == b[field].keys()
+        assert all(torch.equal(a[field][k], b[field][k]) for k in a[field]), field
+    assert not torch.equal(a["model"]["transformer.wte.weight"], a["raw_model"]["transformer.wte.weight"])
+    loaded = GPT.from_pretrained(str(tmp_path / "a.pt"))  # a checkpoint loads as its average
+    assert torch.equal(loaded.transformer.wte.weight, a["model"]["transformer.wte.weight"])
+
+
 def test_export_is_half_and_loads(tmp_path):
     args = train_tiny.get_args(TINY_ARGS + ["--steps", "2", "--eval-interval", "0", "--out", str(tmp_path / "t.pt"),
                                             "--export", str(tmp_path / "e.pt")])
