@@ -49,6 +49,23 @@ def online_softmax_step(score, v, m, lsum, acc):
 
 
 @triton.jit
+def partial_start(Q, b, h, sq_b, sq_h, D, scale, BLOCK_D: tl.constexpr):
+    """The scaled query of head (b, h) and an empty softmax state (m, l, acc) for one chunk."""
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_d, mask=dmask, other=0.0).to(tl.float32) * scale  # (BLOCK_D,)
+    return offs_d, dmask, q, tl.full((), NEG, tl.float32), tl.zeros((), tl.float32), tl.zeros((BLOCK_D,), tl.float32)
+
+
+@triton.jit
+def partial_store(M_PART, L_PART, ACC_PART, bh, s, S, m, lsum, acc, offs_d, BLOCK_D: tl.constexpr):
+    """Write chunk s's partial (m, l, acc) for the reduce kernel."""
+    tl.store(M_PART + bh * S + s, m)
+    tl.store(L_PART + bh * S + s, lsum)
+    tl.store(ACC_PART + (bh * S + s) * BLOCK_D + offs_d, acc)
+
+
+@triton.jit
 def decode_partial_kernel(Q, K, V, VALID, SCORES, M_PART, L_PART, ACC_PART,
                           H, L, D, scale, S,
                           sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
@@ -57,12 +74,7 @@ def decode_partial_kernel(Q, K, V, VALID, SCORES, M_PART, L_PART, ACC_PART,
     bh = tl.program_id(0)  # which (batch, head)
     s = tl.program_id(1)  # which chunk of the sequence
     b, h = bh // H, bh % H
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_d, mask=dmask, other=0.0).to(tl.float32) * scale  # (BLOCK_D,)
-    m = tl.full((), NEG, tl.float32)
-    lsum = tl.zeros((), tl.float32)
-    acc = tl.zeros((BLOCK_D,), tl.float32)
+    offs_d, dmask, q, m, lsum, acc = partial_start(Q, b, h, sq_b, sq_h, D, scale, BLOCK_D)
     lo = s * CHUNK
     hi = tl.minimum(lo + CHUNK, L)
     for start in range(lo, hi, BLOCK_N):
@@ -79,9 +91,7 @@ def decode_partial_kernel(Q, K, V, VALID, SCORES, M_PART, L_PART, ACC_PART,
         v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :],
                     mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         m, lsum, acc = online_softmax_step(score, v, m, lsum, acc)
-    tl.store(M_PART + bh * S + s, m)
-    tl.store(L_PART + bh * S + s, lsum)
-    tl.store(ACC_PART + (bh * S + s) * BLOCK_D + offs_d, acc)
+    partial_store(M_PART, L_PART, ACC_PART, bh, s, S, m, lsum, acc, offs_d, BLOCK_D)
 
 
 @triton.jit

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode import NEG, launch_shape, online_softmax_step, reduce_partials
+from .decode import launch_shape, online_softmax_step, partial_start, partial_store, reduce_partials
 from .quant import chunk_of
 
 
@@ -86,12 +86,7 @@ def decode_quant_partial_kernel(Q, KC, KS, KZ, VC, VS, VZ, K, V, SCORES, M_PART,
     bh = tl.program_id(0)
     s = tl.program_id(1)
     b, h = bh // H, bh % H
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_d, mask=dmask, other=0.0).to(tl.float32) * scale
-    m = tl.full((), NEG, tl.float32)
-    lsum = tl.zeros((), tl.float32)
-    acc = tl.zeros((BLOCK_D,), tl.float32)
+    offs_d, dmask, q, m, lsum, acc = partial_start(Q, b, h, sq_b, sq_h, D, scale, BLOCK_D)
     lo = s * CHUNK
     hi = tl.minimum(lo + CHUNK, L)
     for start in range(lo, hi, BLOCK_N):
@@ -117,9 +112,7 @@ def decode_quant_partial_kernel(Q, KC, KS, KZ, VC, VS, VZ, K, V, SCORES, M_PART,
         v += tl.load(V + b * sv_b + h * sv_h + (offs_n - LQV)[:, None] * sv_n + offs_d[None, :], mask=vf_m,
                      other=0.0).to(tl.float32)
         m, lsum, acc = online_softmax_step(score, v, m, lsum, acc)
-    tl.store(M_PART + bh * S + s, m)
-    tl.store(L_PART + bh * S + s, lsum)
-    tl.store(ACC_PART + (bh * S + s) * BLOCK_D + offs_d, acc)
+    partial_store(M_PART, L_PART, ACC_PART, bh, s, S, m, lsum, acc, offs_d, BLOCK_D)
 
 
 def decode_attention_quant(q, kq, vq, k, v, bits: int, group: int, key_layout: str = "token",

@@ -45,8 +45,9 @@ def _check_number(name, value, low, high=None, low_open=False, note=""):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     ok = (value > low if low_open else value >= low) and (high is None or value <= high)
     if not ok:  # NaN fails every comparison
-        rng = f"{'(' if low_open else '['}{low}, {high}]" if high is not None else f"{'>' if low_open else '>='} {low}"
-        raise ValueError(f"{name} must be {'in ' if high is not None else ''}{rng}{note}, got {value!r}")
+        left = "(" if low_open else "["
+        allowed = f"in {left}{low}, {high}]" if high is not None else f"{'>' if low_open else '>='} {low}"
+        raise ValueError(f"{name} must be {allowed}{note}, got {value!r}")
 
 
 def store_part(store: Ragged, k: str = "k", v: str = "v"):
