@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, compile  # noqa: E402
 
-from fast import decode, decode_quant, prefill, quant  # noqa: E402
+from fast import decode, decode_quant, merge, prefill, quant  # noqa: E402
 
 
 def signature(fn, types: dict, constexprs: dict) -> dict:
@@ -74,6 +74,14 @@ def cases():
             types = {"X": f"*{elem}", "PACKED": "*u8", "SCALE": "*fp16", "ZERO": "*fp16", "n": "i32",
                      "sx": "i32", "sp": "i32", "ss": "i32"}
             yield quant.quantize_pack_kernel, types, {"BITS": bits, "GROUP": 32, "PER": per, "NBYTES": nbytes}
+
+
+    for use_v, nonneg in ((False, False), (True, True), (True, False)):  # D2O; EMS (nonneg_cos True / False)
+        for block_d in (32, 64, 128):
+            types = {"KN": "*fp32", "VN": "*fp32", "ROWS": "*i8", "CENTERS": "*i8", "BEST": "*fp32",
+                     "CENTER": "*i32", "L": "i32", "D": "i32"}
+            yield merge.nearest_center_kernel, types, {"USE_V": use_v, "NONNEG": nonneg, "BLOCK_T": 32,
+                                                       "BLOCK_C": 32, "BLOCK_D": block_d}
 
 
 def main(arch: int):

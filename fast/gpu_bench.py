@@ -14,6 +14,7 @@ triton.testing.do_bench, median):
   kernel 2   decode over a 4-bit / 2-bit cache (per-token groups of 32, fp16 scale and zero):
              speed-up over kernel 1 against the reduction of bytes read
   kernel 4   quantize-and-pack throughput
+  kernel 5   nearest class center (EMS, D2O) against the reference's (H, L, L) similarity matrices
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ from triton.testing import do_bench  # noqa: E402
 
 from fast.decode import decode_attention  # noqa: E402
 from fast.decode_quant import decode_attention_quant  # noqa: E402
+from fast.merge import nearest_center as nearest_center_kernel  # noqa: E402
 from fast.quant import quantize_pack  # noqa: E402
 from nanokv.cache import reference_attention  # noqa: E402
+from nanokv.method import nearest_center  # noqa: E402
 from nanokv.quant import dequantize_packed, quantize_packed  # noqa: E402
 
 PEAK_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}
@@ -89,6 +92,15 @@ def check_kernels(dev) -> list[dict]:
         ro, rp = reference_attention(q.float(), K, V, torch.tensor([L], device=dev), torch.arange(L, device=dev).expand(B, H, L))
         rows.append({"kernel": "decode_quant_kivi", "bits": bits, "max_out_diff": (out.float() - ro).abs().max().item(),
                      "max_probs_diff": (probs - rp).abs().max().item()})
+    for mode in ("keys", "kv"):  # kernel 5: D2O's and EMS's matching step
+        B, H, L, D = 2, 8, 1500, 128
+        k, v = (torch.randn(B, H, L, D, device=dev, generator=g).half() for _ in "kv")
+        centers, rows_ = (torch.rand(B, H, L, device=dev, generator=g) < f for f in (0.25, 0.6))
+        vv = None if mode == "keys" else v
+        best, c = nearest_center_kernel(k, vv, centers, rows_)
+        ref_best, ref_c = nearest_center(k, vv, centers, rows_)
+        rows.append({"kernel": "nearest_center", "mode": mode, "max_best_diff": (best - ref_best)[rows_].abs().max().item(),
+                     "centers_differing": int((c != ref_c)[rows_].sum()), "rows": int(rows_.sum())})
     return rows
 
 
@@ -164,6 +176,15 @@ def bench(dev, quick: bool) -> list[dict]:
         rows.append(row)
         k = v = kq = vq = None  # free the GPU memory before the next size
         torch.cuda.empty_cache()
+    for L in ((2048,) if quick else (2048, 8192)):  # kernel 5 against the reference's L x L matrices
+        k, v = (torch.randn(1, H, L, D, device=dev, dtype=torch.float16) for _ in "kv")
+        centers, asked = torch.rand(1, H, L, device=dev) < 0.25, torch.rand(1, H, L, device=dev) < 0.6
+        t5 = do_bench(lambda: nearest_center_kernel(k, v, centers, asked), return_mode="median")
+        t_ref = do_bench(lambda: nearest_center(k, v, centers, asked), return_mode="median")
+        rows.append({"kernel5_H": H, "kernel5_L": L, "kernel5_ms": t5, "reference_ms": t_ref,
+                     "speedup": t_ref / t5, "reference_GB_of_matrices": 3 * H * L * L * 4 / 1e9})
+        k = v = None
+        torch.cuda.empty_cache()
     x = torch.randn(8 * 32 * 16384, D, device=dev, dtype=torch.float16)
     t = do_bench(lambda: quantize_pack(x, 4, 32), return_mode="median")
     rows.append({"kernel4_rows": x.size(0), "kernel4_ms": t, "kernel4_GBs": x.numel() * 2 / t / 1e6})
@@ -189,6 +210,11 @@ def markdown(info, checks, methods, perf) -> str:
     k4 = next((r for r in perf if "kernel4_ms" in r), None)
     if k4:
         out += ["", f"kernel 4 (quantize + pack, 4-bit, groups of 32): {k4['kernel4_GBs']:.0f} GB/s of fp16 input."]
+    for r in perf:
+        if "kernel5_ms" in r:
+            out.append(f"kernel 5 (nearest center, H={r['kernel5_H']}, L={r['kernel5_L']}): {r['kernel5_ms']:.2f} ms "
+                       f"against {r['reference_ms']:.2f} ms for the reference ({r['speedup']:.1f}x), which builds "
+                       f"{r['reference_GB_of_matrices']:.1f} GB of similarity matrices.")
     worst = max((r.get("max_out_diff", 0) for r in checks), default=0)
     out += ["", f"Kernel checks on the GPU: {len(checks)} cases, worst max|out diff| {worst:.2e}; quantize_pack "
             f"differing bytes: {sum(r.get('differing', 0) for r in checks)}.",

@@ -201,7 +201,7 @@ class KVCache:
         self.layers = []
         for i in range(c.n_layer):
             layer = Ragged(batch, c.n_head, device, grow_by=self.grow_by)
-            layer.index, layer.n_seen, layer.dtype = i, 0, dtype
+            layer.index, layer.n_seen, layer.dtype, layer.backend = i, 0, dtype, self.backend
             layer.segments = {}  # further stores a method may add (low-bit segments, residuals)
             layer.add_field("k", "keys", (c.n_embd // c.n_head,), dtype)
             layer.add_field("v", "values", (c.n_embd // c.n_head,), dtype)

@@ -23,6 +23,7 @@ token). A complete method can then be a few lines (see nanokv/methods/knorm.py).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .ragged import KINDS, Ragged
 
@@ -200,3 +201,27 @@ def top_k_mask(lengths, score, budget, n_sink: int = 0, window: int = 0) -> torc
     keep = torch.zeros(B, H, L, dtype=torch.bool, device=score.device)
     keep.scatter_(-1, order, rank_ok)
     return keep & (slot < n)
+
+
+def nearest_center(k, v, centers, rows, nonneg: bool = True, backend: str = "torch"):
+    """The most similar center of every asked token (the merging methods' matching step).
+    k, v (B, H, L, D) (v None: keys only); centers, rows (B, H, L) bool. Returns best (B, H, L)
+    fp32 and center (B, H, L) long, for the rows asked (-inf and 0 elsewhere):
+        sim[t, c] = cos(k_t, k_c)                                   v None (D2O)
+        sim[t, c] = max(cos(k_t, k_c), 0) * max(cos(v_t, v_c), 0)   (EMS; nonneg=False: no clamps)
+        best[t], center[t] = max, argmax over centers c of sim[t, c]
+    This reference builds sim as a (B, H, L, L) matrix; backend="triton" runs fast/merge.py
+    (kernel 5), which walks the centers in tiles and never holds it."""
+    if backend == "triton":
+        from fast.merge import nearest_center as kernel
+
+        return kernel(k, v, centers, rows, nonneg)
+    kn = F.normalize(k.float(), dim=-1)
+    sim = kn @ kn.transpose(-1, -2)  # (B, H, L_t, L_c)
+    if v is not None:
+        vn = F.normalize(v.float(), dim=-1)
+        cv = vn @ vn.transpose(-1, -2)
+        sim = sim.clamp(min=0) * cv.clamp(min=0) if nonneg else sim * cv
+    sim = sim.masked_fill(~centers[:, :, None, :], float("-inf"))
+    best, center = sim.max(dim=-1)  # (B, H, L_t)
+    return best.masked_fill(~rows, float("-inf")), center.masked_fill(~rows, 0)

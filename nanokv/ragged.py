@@ -46,6 +46,7 @@ class Ragged:
         self.fills: dict[str, float] = {}  # value given to new entries a caller does not provide
         self.quantized: dict[str, tuple] = {}  # name -> (bits, group, dim, dtype) of low-bit fields
         self.quantize_fn = None  # None: nanokv.quant.quantize_packed; the Triton backend sets fast's kernel
+        self.backend = "torch"  # the cache's backend: methods with a kernel of their own pick it by this
 
     # ------------------------------------------------------------------ declaring fields
     def add_field(self, name: str, kind: str, trailing: tuple, dtype: torch.dtype, fill: float = 0.0):

@@ -109,6 +109,48 @@ def test_kernels_compile_ahead_of_time(arch):
     assert "compiled" in out.stdout
 
 
+@pytest.mark.parametrize("mode", ["keys", "kv_nonneg", "kv"])
+@pytest.mark.parametrize("B, H, L, D, dtype", [(1, 1, 1, 16, torch.float32), (2, 3, 37, 64, torch.float32),
+                                               (1, 2, 300, 48, torch.float16), (1, 4, 129, 32, torch.float32)])
+def test_nearest_center_kernel_matches_reference(B, H, L, D, dtype, mode):
+    """Kernel 5 (the merging methods' matching step) against nanokv.method.nearest_center."""
+    from fast.merge import nearest_center as kernel
+    from nanokv.method import nearest_center
+
+    g = torch.Generator().manual_seed(L * D + len(mode))
+    k, v = (torch.randn(B, H, L, D, generator=g).to(dtype) for _ in range(2))
+    centers = torch.rand(B, H, L, generator=g) < 0.3
+    rows = torch.rand(B, H, L, generator=g) < 0.7
+    if L > 2:
+        centers[0, 0, :2] = True
+        k[0, 0, 1], v[0, 0, 1] = k[0, 0, 0], v[0, 0, 0]  # two equal centers: the lower slot wins
+        centers[-1, -1] = False  # a head without centers
+    vv = None if mode == "keys" else v
+    ref_best, ref_c = nearest_center(k, vv, centers, rows, nonneg=mode == "kv_nonneg")
+    best, c = kernel(k, vv, centers, rows, nonneg=mode == "kv_nonneg")
+    # the reference similarity of the kernel's choice must be the best one, within float rounding
+    kn = torch.nn.functional.normalize(k.float(), dim=-1)
+    sim = kn @ kn.transpose(-1, -2)
+    if vv is not None:
+        vn = torch.nn.functional.normalize(v.float(), dim=-1)
+        sim = sim.clamp(min=0) * (vn @ vn.transpose(-1, -2)).clamp(min=0) if mode == "kv_nonneg" \
+            else sim * (vn @ vn.transpose(-1, -2))
+    sim = sim.masked_fill(~centers[:, :, None, :], float("-inf"))
+    has = rows & centers.any(-1, keepdim=True)
+    got_sim = sim.gather(-1, c[..., None])[..., 0]
+    diff = (best - ref_best)[has].abs().max().item() if has.any() else 0.0
+    top2 = sim.topk(min(2, L), dim=-1).values
+    clear = has & ((top2[..., 0] - top2[..., -1]) > 1e-5) if L > 1 else has
+    print(f"nearest_center {mode} B={B} H={H} L={L} D={D} {dtype}: max |best diff| {diff:.2e}, "
+          f"{int((c != ref_c)[clear].sum())} different centers among {int(clear.sum())} clear rows")
+    assert diff <= 1e-6
+    assert torch.all(centers.gather(-1, c)[has]) and (got_sim - ref_best)[has].abs().max() <= 1e-6 if has.any() else True
+    assert torch.equal(c[clear], ref_c[clear])
+    assert torch.all(best[~has] == float("-inf")) and torch.all(c[~rows] == 0)  # not asked, or no center
+    if L > 2:
+        assert not rows[0, 0, 1] or c[0, 0, 1] == 0  # the tie went to slot 0
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_quantize_pack_kernel_is_bit_exact(bits, dtype):
@@ -217,8 +259,10 @@ def test_triton_backend_routes_prefill_and_decode_to_the_kernels(monkeypatch, na
     then never use kernel 1) touches the reference attention. Scissorhands is the exception: a
     prompt within its budget is recorded query by query (every row). (Quantized's prompt, when its
     inner method is Scissorhands, is processed token by token and its heads may keep different
-    numbers of the prompt's tokens: those steps dequantize in torch and use kernel 1.)"""
+    numbers of the prompt's tokens: those steps dequantize in torch and use kernel 1.)
+    The merging methods that match tokens to centers (EMS, D2O) do it with kernel 5."""
     import fast.decode
+    import fast.merge
     import nanokv.cache
 
     def forbidden(*args, **kwargs):
@@ -231,8 +275,11 @@ def test_triton_backend_routes_prefill_and_decode_to_the_kernels(monkeypatch, na
     no_kernel_1 = lambda: monkeypatch.setattr(fast.decode, "decode_attention", forbidden)  # noqa: E731
     if name in ("rtn", "kivi", "mikv"):
         no_kernel_1()
+    calls, kernel_5 = [], fast.merge.nearest_center
+    monkeypatch.setattr(fast.merge, "nearest_center", lambda *a, **kw: calls.append(1) or kernel_5(*a, **kw))
     out = run(model, make_method(name, 16), "triton", prompt, 8, no_kernel_1 if name == "quantized" else None)
     assert out[0] == ref[0] and out[2] == ref[2] and (out[1] - ref[1]).abs().max() <= 1e-4
+    assert bool(calls) == (name in ("ems", "d2o")), f"kernel 5 called {len(calls)} times"
 
 
 def test_prob_stats_answers_the_reads_methods_make_and_refuses_others():

@@ -15,6 +15,8 @@ scatter-mean including the center itself):
     k_c <- (k_c + sum over e->c of s_e * k_e) / (1 + |{e -> c}|),   v_c likewise.
 `threshold` fixes tau instead (threshold=inf never merges: exactly H2O with its sinks).
 
+The matching is nanokv.method.nearest_center (with backend="triton": fast/merge.py, no
+L x L matrix); the merge is a scatter-add into the centers (no one-hot matrix either).
 Choices: the decision is made per head (the official code averages s_e over heads, which
 only makes sense when all heads evict the same tokens); tau is per layer and batch row, kept in
 fp32 (B floats per layer of method state).
@@ -25,9 +27,8 @@ same budget here).
 import math
 
 import torch
-import torch.nn.functional as F
 
-from ..method import _check_number
+from ..method import _check_number, nearest_center
 from .h2o import H2O
 
 
@@ -60,13 +61,10 @@ class D2O(H2O):
 
     def merge(self, layer, keep):
         evicted = layer.valid_mask() & ~keep  # (B, H, L)
-        k, v = layer.padded("k").float(), layer.padded("v").float()
-        kn = F.normalize(k, dim=-1)
-        cos = kn @ kn.transpose(-1, -2)  # (B, H, L_e, L_c)
-        cos = cos.masked_fill(~keep[:, :, None, :], float("-inf"))
-        s, center = cos.max(dim=-1)  # (B, H, L_e)
         if not evicted.any():
             return
+        k, v = layer.padded("k").float(), layer.padded("v").float()
+        s, center = nearest_center(k, None, keep, evicted, backend=layer.backend)  # (B, H, L): key cosine
         n_e = evicted.sum(dim=(1, 2))  # (B,) evicted tokens per row, over all heads
         mean_s = s.masked_fill(~evicted, 0.0).sum(dim=(1, 2)) / n_e.clamp(min=1)  # (B,)
         if self.threshold is not None:
@@ -78,12 +76,13 @@ class D2O(H2O):
                 tau = torch.where(n_e > 0, tau, old)  # a row that evicts nothing keeps its tau
             self.tau[layer.index] = tau
         merge = evicted & (s >= tau[:, None, None])  # (B, H, L_e)
-        w = torch.where(merge, s, torch.zeros_like(s))  # weight s_e of each merged token
-        onehot = F.one_hot(center, k.size(2)).float() * merge[..., None]  # (B, H, L_e, L_c)
-        count = 1 + onehot.sum(dim=2)  # (B, H, L_c) the center plus its members
-        wk = (onehot * w[..., None]).transpose(-1, -2)  # (B, H, L_c, L_e)
-        layer.set_padded("k", ((k + wk @ k) / count[..., None]).to(layer.dtype))
-        layer.set_padded("v", ((v + wk @ v) / count[..., None]).to(layer.dtype))
+        w = torch.where(merge, s, torch.zeros_like(s))  # (B, H, L) weight s_e of each merged token
+        count = 1 + torch.zeros_like(w).scatter_add_(2, center, merge.float())  # the center plus its members
+        idx = center[..., None].expand_as(k)  # every token adds w_e * k_e to its center (0 if not merged)
+        ksum = torch.zeros_like(k).scatter_add_(2, idx, w[..., None] * k)  # (B, H, L_c, D)
+        vsum = torch.zeros_like(v).scatter_add_(2, idx, w[..., None] * v)
+        layer.set_padded("k", ((k + ksum) / count[..., None]).to(layer.dtype))
+        layer.set_padded("v", ((v + vsum) / count[..., None]).to(layer.dtype))
 
     def state_nbytes(self):
         out = super().state_nbytes()

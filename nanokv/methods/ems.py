@@ -44,7 +44,7 @@ Method state: s_glo (4 bytes) and the local ring (4 * window bytes) per token.
 import torch
 import torch.nn.functional as F
 
-from ..method import Method, _check_int, _check_number, top_k_mask
+from ..method import Method, _check_int, _check_number, nearest_center, top_k_mask
 from .adakv import headwise_topk
 
 
@@ -133,13 +133,9 @@ class EMS(Method):
             total = r.sum(-1, keepdim=True)
             in_prefix = before < self.mass * total
             cand = torch.zeros_like(rest).scatter_(-1, order, in_prefix) & rest
-        # redundancy: product of key and value cosine similarity to each center
-        kn, vn = F.normalize(layer.padded("k").float(), dim=-1), F.normalize(layer.padded("v").float(), dim=-1)
-        ck, cv = kn @ kn.transpose(-1, -2), vn @ vn.transpose(-1, -2)  # (B, H, L_t, L_c)
-        if self.nonneg_cos:
-            ck, cv = ck.clamp(min=0), cv.clamp(min=0)
-        sim = (ck * cv).masked_fill(~centers[:, :, None, :], float("-inf"))
-        best, center = sim.max(dim=-1)  # (B, H, L_t)
+        # redundancy: product of key and value cosine similarity to each center (method.py)
+        best, center = nearest_center(layer.padded("k"), layer.padded("v"), centers, cand,
+                                      self.nonneg_cos, layer.backend)  # (B, H, L) each
         member = cand & (best >= self.tau)
         assign = torch.full((B, H, L), L, dtype=torch.long, device=s.device)  # the zero center
         assign = torch.where(member, center, assign)
