@@ -237,8 +237,10 @@ class GPT(nn.Module):
                 f"position {total}, past block_size {self.config.block_size}"
             )
         out, step = idx, idx
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             logits, _ = self(step, cache=cache, last_logits_only=True)
+            if i == 0:  # after the prefill: room for the tokens to come, so the buffers do not regrow
+                cache.reserve(max_new_tokens - 1)
             logits = logits[:, -1, :].float()
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)

@@ -159,6 +159,19 @@ class KVCache:
             return out, ProbStats(colsum, last, q.size(2)) if self.method.needs_probs else None
         return reference_attention(q, k, v, q_pos, k_pos, valid)
 
+    def reserve(self, new_tokens: int):
+        """Room for `new_tokens` more tokens in one copy per layer, for methods whose buffers then
+        only grow (the full cache; SnapKV, PyramidKV and Ada-KV after their prefill): decoding
+        then never regrows them (generate() calls this after the prefill). Spare slots count as
+        padding in memory_bytes() until used. Methods that evict or quantize while decoding
+        resize their buffers themselves; for them this does nothing."""
+        if not isinstance(new_tokens, int) or isinstance(new_tokens, bool) or new_tokens < 0:
+            raise ValueError(f"new_tokens must be an int >= 0, got {new_tokens!r}")
+        if self.method.compresses_at not in ("never", "prefill"):
+            return
+        for layer in self.layers or []:
+            layer.reserve(layer.max_len + new_tokens)
+
     @staticmethod
     def _decode_quant(q, parts):
         """Kernel 2 for the parts it takes: KIVI's single part (per-channel keys, see its

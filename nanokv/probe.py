@@ -52,6 +52,10 @@ class AttentionProbe:
     def config(self):
         return self.cache.config
 
+    def reserve(self, new_tokens: int):
+        self.cache.reserve(new_tokens)
+        self.full.reserve(new_tokens)
+
     def attend(self, layer_idx: int, q, k, v):
         T = q.size(2)
         start = self.cache.seq_len if self.cache.layers is None else self.cache.layers[layer_idx].n_seen

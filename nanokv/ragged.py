@@ -161,6 +161,21 @@ class Ragged:
         self._uniform_len = self._max_len if bool((lengths == self._max_len).all()) else None
 
     # ------------------------------------------------------------------ growing and shrinking
+    def _grow(self, C: int):
+        """Uniform layout: move every buffer into one of C >= L slots per head (one copy)."""
+        L = self._uniform_len
+        for name, t in self.fields.items():
+            buf = torch.empty((self.batch, self.heads, C, *self.trailing[name]), dtype=t.dtype, device=t.device)
+            buf[:, :, :L] = t[:, :, :L]
+            self.fields[name] = buf
+
+    def reserve(self, slots: int):
+        """Make room for `slots` entries per head in one copy (uniform layout only; no-op
+        otherwise or when the buffers are already that large). The spare slots count as padding
+        until used; the next eviction (`keep`) shrinks the buffers back to what is kept."""
+        if self.uniform and self.fields and slots > self.capacity:
+            self._grow(slots)
+
     def append(self, **new: torch.Tensor):
         """Append T entries to every head. Each given tensor is (B, H, T, *trailing);
         fields not given get their fill value."""
@@ -173,13 +188,12 @@ class Ragged:
         if self.uniform:
             L, C = self._uniform_len, self.capacity
             if L + T > C:  # grow every buffer to the next multiple of grow_by slots
-                C = self.grow_by * math.ceil((L + T) / self.grow_by)
-                for name, t in self.fields.items():
-                    buf = torch.empty((B, H, C, *self.trailing[name]), dtype=t.dtype, device=t.device)
-                    buf[:, :, :L] = t[:, :, :L]
-                    self.fields[name] = buf
+                self._grow(self.grow_by * math.ceil((L + T) / self.grow_by))
             for name, t in self.fields.items():
-                t[:, :, L:L + T] = new[name] if name in new else self.fills[name]
+                if name in new:
+                    t.narrow(2, L, T).copy_(new[name])
+                else:
+                    t.narrow(2, L, T).fill_(self.fills[name])
             self.lengths = self.lengths + T
             self._uniform_len, self._max_len = L + T, L + T
             return

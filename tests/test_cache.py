@@ -199,3 +199,29 @@ def test_short_prompt_is_not_compressed():
     cache = KVCache(m.config, "knorm", budget=32, window=16)
     run(m, cache, torch.randint(0, 256, (1, 10)), 10)
     assert cache.kept_positions(0).tolist() == list(range(10))
+
+
+@pytest.mark.parametrize("name", ["full", "snapkv", "h2o"])
+def test_generate_reserves_room_for_the_new_tokens_once(monkeypatch, name):
+    """generate() reserves the decode's slots after the prefill: one copy per layer instead of a
+    regrowth every grow_by tokens; no spare slot is left at the end. Evicting methods resize
+    their buffers themselves (reserve does nothing for them)."""
+    from nanokv.ragged import Ragged
+
+    m = peaked_model()
+    calls = []
+    real = Ragged._grow
+    monkeypatch.setattr(Ragged, "_grow", lambda self, C: calls.append(C) or real(self, C))
+    cache = KVCache(m.config, make_method(name, budget=8), grow_by=4)
+    m.generate(torch.randint(0, 256, (2, 10)), 9, cache=cache, temperature=0)
+    n = m.config.n_layer
+    if name != "h2o":
+        held = 10 if name == "full" else 8  # SnapKV keeps its budget of the prompt
+        # per layer: the prefill's 10 tokens (rounded up to grow_by), then the reservation
+        assert calls == [12] * n + [held + 8] * n
+        assert cache.memory_breakdown()["padding"] == 0
+        assert cache.memory_bytes() == walk_tensor_bytes(cache)
+    else:
+        assert set(calls) == {12}  # grow_by steps only (eviction sizes the buffers to what it keeps)
+    with pytest.raises(ValueError, match="new_tokens must be an int >= 0"):
+        cache.reserve(-1)
