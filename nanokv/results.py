@@ -160,10 +160,6 @@ def write_results(path: str, out: str, res, seconds: float, quick: bool):
         "",
     ]
     lines += [f"- {c}" for c in claims(res)]
-    lines += ["", "MiKV's rows were re-run (same seed and samples) after a fix: its channel balancer used to be "
-              "calibrated on the first call, a single token in the streaming protocol (stream perplexity 25.35, "
-              "attention error 0.63); it now calibrates over the first 32 tokens (2.55 and 0.10). Its retrieval "
-              "rows did not change (the context is prefilled)."]
     lines += ["", "## Overview: every method at 10% and 25%", "",
               f"![passkey]({rel}/overview/passkey.png) ![lines]({rel}/overview/lines.png)",
               f"![ppl]({rel}/overview/ppl.png) ![attention loss]({rel}/overview/attn.png)",
