@@ -107,3 +107,17 @@ def test_own_checkpoint_roundtrip(tmp_path):
     with torch.no_grad():
         assert torch.equal(m(idx)[0], m2(idx)[0])
     assert m2.tokenizer_name == "byte" and m2.tokenizer.decode(m2.tokenizer.encode("hé")) == "hé"
+
+
+def test_weight_layouts_survive_loading_and_casting():
+    """gpt.column_major: c_attn, attn.c_proj, c_fc and the tied embedding / lm_head are stored
+    column-major (the faster decode layout on CPU), mlp.c_proj row-major; loading a checkpoint and
+    casting keep the layouts and the tying."""
+    from gpt import GPT
+
+    for m in (GPT.from_pretrained("nanokv-tiny"), GPT.from_pretrained("nanokv-tiny").half()):
+        assert m.transformer.wte.weight is m.lm_head.weight
+        block = m.transformer.h[0]
+        for lin in (m.lm_head, block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc):
+            assert lin.weight.stride() == (1, lin.weight.size(0)), lin
+        assert block.mlp.c_proj.weight.is_contiguous()
