@@ -49,6 +49,11 @@ def reference_attention(q, k, v, q_pos, k_pos, valid=None):
     return out, probs
 
 
+def _check_index(name: str, value: int, n: int):
+    if not 0 <= value < n:
+        raise ValueError(f"{name} must be in [0, {n}), got {value}")
+
+
 class KVCache:
     def __init__(self, config, method="full", backend: str = "torch", grow_by: int = 16, **method_kwargs):
         """config: the model's GPTConfig. method: a name from nanokv.METHODS (built with
@@ -103,8 +108,7 @@ class KVCache:
             raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
         if self.layers is None:
             self._start(B, q.dtype, q.device)
-        if not 0 <= layer_idx < self.config.n_layer:
-            raise ValueError(f"layer_idx must be in [0, {self.config.n_layer}), got {layer_idx}")
+        _check_index("layer_idx", layer_idx, self.config.n_layer)
         if B != self.batch_size:
             raise ValueError(f"batch size {B} differs from this cache's batch size {self.batch_size}; "
                              "use a fresh cache (or cache.reset()) for another batch")
@@ -214,17 +218,14 @@ class KVCache:
         self.layers = []
         for i in range(c.n_layer):
             layer = Ragged(batch, c.n_head, device, grow_by=self.grow_by)
-            layer.index, layer.n_seen, layer.dtype, layer.backend = i, 0, dtype, self.backend
+            layer.index, layer.n_seen, layer.dtype = i, 0, dtype
             layer.segments = {}  # further stores a method may add (low-bit segments, residuals)
             layer.add_field("k", "keys", (c.n_embd // c.n_head,), dtype)
             layer.add_field("v", "values", (c.n_embd // c.n_head,), dtype)
             layer.add_field("pos", "positions", (), torch.int32)
             self.method.init_layer(layer, i)
-            if self.backend == "triton":  # low-bit fields quantize and pack with fast/quant.py
-                from fast.quant import quantize_pack_or_torch
-
-                for store in (layer, *layer.segments.values()):
-                    store.quantize_fn = quantize_pack_or_torch
+            for store in (layer, *layer.segments.values()):  # kernels: fast/quant.py, fast/merge.py
+                store.backend = self.backend
             self.layers.append(layer)
 
     # ------------------------------------------------------------------ introspection
@@ -268,8 +269,7 @@ class KVCache:
 
     def _stores_with_positions(self, layer_idx):
         self._check_started()
-        if not 0 <= layer_idx < self.config.n_layer:
-            raise ValueError(f"layer_idx must be in [0, {self.config.n_layer}), got {layer_idx}")
+        _check_index("layer_idx", layer_idx, self.config.n_layer)
         layer = self.layers[layer_idx]
         return [st for st in (layer, *layer.segments.values()) if "pos" in st.fields]
 
@@ -286,9 +286,8 @@ class KVCache:
         """(positions, bits) of the tokens kept by one head, sorted by position; bits is the
         storage precision of each (the model dtype's bits for full-precision entries)."""
         self._check_started()
-        for name, value, n in (("batch", batch, self.batch_size), ("head", head, self.config.n_head)):
-            if not 0 <= value < n:
-                raise ValueError(f"{name} must be in [0, {n}), got {value}")
+        _check_index("batch", batch, self.batch_size)
+        _check_index("head", head, self.config.n_head)
         full_bits = torch.finfo(self.dtype).bits
         pos, bits = [], []
         for st in self._stores_with_positions(layer_idx):

@@ -45,8 +45,7 @@ class Ragged:
         self.kinds: dict[str, str] = {}  # name -> accounting kind (one of KINDS)
         self.fills: dict[str, float] = {}  # value given to new entries a caller does not provide
         self.quantized: dict[str, tuple] = {}  # name -> (bits, group, dim, dtype) of low-bit fields
-        self.quantize_fn = None  # None: nanokv.quant.quantize_packed; the Triton backend sets fast's kernel
-        self.backend = "torch"  # the cache's backend: methods with a kernel of their own pick it by this
+        self.backend = "torch"  # the cache's backend (set by it): "triton" packs with fast/quant.py
 
     # ------------------------------------------------------------------ declaring fields
     def add_field(self, name: str, kind: str, trailing: tuple, dtype: torch.dtype, fill: float = 0.0):
@@ -148,11 +147,18 @@ class Ragged:
         else:
             self.fields[name] = value.to(t.dtype)[self.valid_mask()]
 
-    def _quantize(self, name, value):
-        from .quant import quantize_packed
+    def pack(self, value: torch.Tensor, bits: int, group: int):
+        """(codes, scale, zero) of value: nanokv.quant.quantize_packed, or with the Triton
+        backend fast/quant.py's kernel (bit-identical)."""
+        if self.backend == "triton":
+            from fast.quant import quantize_pack_or_torch as quantize
+        else:
+            from .quant import quantize_packed as quantize
+        return quantize(value, bits, group)
 
+    def _quantize(self, name, value):
         bits, group, _, _ = self.quantized[name]
-        codes, scale, zero = (self.quantize_fn or quantize_packed)(value, bits, group)
+        codes, scale, zero = self.pack(value, bits, group)
         return {f"{name}.codes": codes, f"{name}.scale": scale, f"{name}.zero": zero}
 
     def _set_lengths(self, lengths: torch.Tensor):

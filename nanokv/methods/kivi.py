@@ -30,7 +30,7 @@ the Triton backend hands its packed codes to kernel 2 instead (fast/decode_quant
 import torch
 
 from ..method import Method
-from ..quant import check_bits, check_group, dequantize_packed, packed_bytes, quantize_packed
+from ..quant import check_bits, check_group, dequantize_packed, packed_bytes
 from ..ragged import Ragged
 
 
@@ -106,8 +106,7 @@ class KIVI(Method):
         if n_k:
             keys = layer.padded("k")[:, :, :n_k].float()  # (B, H, n_k, D)
             chunks = keys.reshape(B, H, n_k // G, G, keys.size(-1)).transpose(-1, -2)  # (B, H, c, D, G)
-            quantize = layer.segments["kq"].quantize_fn or quantize_packed  # the Triton backend's kernel, if set
-            codes, scale, zero = quantize(chunks, self.bits, G)  # one group per (chunk, channel)
+            codes, scale, zero = layer.pack(chunks, self.bits, G)  # one group per (chunk, channel)
             pos = layer.padded("pos")[:, :, :n_k].reshape(B, H, n_k // G, G)
             layer.segments["kq"].append(codes=codes, scale=scale[..., 0], zero=zero[..., 0], pos=pos)
             layer.keep(self._drop_oldest(layer, n_k))

@@ -121,7 +121,7 @@ class MiKV(Method):
             self._maxima[layer.index] = (mq, mk)
             return
         self._maxima.pop(layer.index, None)
-        b = self.scales[layer.index] = ratio_factors(mq, mk)
+        b = self.scales[layer.index] = balance_factors(mq, mk)
         hi = layer.segments["hi"]
         if hi.max_len:
             hi.set_padded("k", (hi.padded("k").float() * b).to(layer.dtype))
@@ -158,12 +158,8 @@ class MiKV(Method):
         self.scales, self._maxima = {}, {}
 
 
-def balance_factors(q, k):
-    """b (B, H, 1, D) = sqrt(max_t |q| / max_t |k|) per channel, 1 where either max is 0."""
-    return ratio_factors(q.float().abs().amax(dim=2, keepdim=True), k.float().abs().amax(dim=2, keepdim=True))
-
-
-def ratio_factors(mq, mk):
-    """sqrt(mq / mk) elementwise from per-channel maxima, 1 where either is 0."""
+def balance_factors(mq, mk):
+    """b (B, H, 1, D) = sqrt(mq / mk) per channel from the maxima mq = max_t |q|, mk = max_t |k|;
+    1 where either max is 0."""
     ok = (mq > 0) & (mk > 0)
     return torch.where(ok, torch.sqrt(mq / torch.where(ok, mk, torch.ones_like(mk))), torch.ones_like(mq))
