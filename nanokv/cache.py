@@ -25,28 +25,38 @@ import copy
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .ragged import KINDS, Ragged
 
 BACKENDS = ("torch", "triton")
 
 
-def reference_attention(q, k, v, q_pos, k_pos, valid=None):
+def reference_attention(q, k, v, q_pos, k_pos, valid=None, with_probs: bool = True):
     """Softmax attention of new queries over the stored entries, causal by original position.
 
+        out   = softmax(q k^T / sqrt(D) + mask) v      mask = -inf where k_pos > q_pos or the slot is padding
+        probs = softmax(q k^T / sqrt(D) + mask)        (the scores eviction methods read)
+
     q (B, H, T, D); k, v (B, H, L, D); q_pos (T,); k_pos (B, H, L); valid (B, H, L) bool or None.
-    Returns out (B, H, T, D) in q's dtype and probs (B, H, T, L) in fp32 (the scores every
-    eviction method reads). Probabilities are computed in fp32 whatever the model dtype.
+    Returns out (B, H, T, D) in q's dtype and probs (B, H, T, L) in fp32, or None with
+    with_probs=False. out comes from PyTorch's fused scaled_dot_product_attention for every
+    method alike (so a method that keeps everything gives exactly the full cache's output, and
+    no (B, H, T, L) matrix is built for methods that never read probabilities); probs are
+    computed explicitly, in fp32 whatever the model dtype.
     """
-    att = ((q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)).float()  # (B, H, T, L)
+    seen = None  # (B, H, T, L): True where a query may look; None: everywhere
     if q.size(2) > 1 or valid is not None:  # a single newest query sees every stored entry
-        mask = k_pos[:, :, None, :] <= q_pos[None, None, :, None]  # (B, H, T, L)
+        seen = k_pos[:, :, None, :] <= q_pos[None, None, :, None]  # not later tokens
         if valid is not None:
-            mask = mask & valid[:, :, None, :]
-        att = att.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(att, dim=-1)
-    out = probs.to(v.dtype) @ v  # (B, H, T, D)
-    return out, probs
+            seen &= valid[:, :, None, :]  # nor padded slots
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=seen)
+    if not with_probs:
+        return out, None
+    att = ((q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)).float()  # (B, H, T, L)
+    if seen is not None:
+        att.masked_fill_(~seen, float("-inf"))
+    return out, torch.softmax(att, dim=-1)
 
 
 def _check_index(name: str, value: int, n: int):
@@ -117,25 +127,27 @@ class KVCache:
         if q.device != self.device:
             raise ValueError(f"device {q.device} differs from this cache's device {self.device}")
         layer = self.layers[layer_idx]
-        q_pos = torch.arange(layer.n_seen, layer.n_seen + T, device=q.device)  # (T,)
+        q_pos = torch.arange(layer.n_seen, layer.n_seen + T, dtype=torch.int32, device=q.device)  # (T,)
         out = self.method.attend(self, layer, q, k, v, q_pos)
         layer.n_seen += T
         return out
 
-    def attention(self, q, layer: Ragged, q_pos):
+    def attention(self, q, layer: Ragged, q_pos, with_probs: bool = True):
         """Attention of q over everything the method says the layer holds (method.gather);
-        returns out (B, H, T, D) and fp32 probs (B, H, T, L) over the gathered entries.
-        Every method goes through this one function, so exactness tests compare like with like."""
-        return self.attention_over(q, self.method.gather(layer), q_pos)
+        returns out (B, H, T, D) and fp32 probs (B, H, T, L) over the gathered entries (None
+        with with_probs=False, where the backend can skip them). Every method goes through this
+        one function, so exactness tests compare like with like."""
+        return self.attention_over(q, self.method.gather(layer), q_pos, with_probs)
 
-    def attention_over(self, q, parts, q_pos):
+    def attention_over(self, q, parts, q_pos, with_probs: bool = True):
         """Attention over a list of parts, each (k, v, k_pos, valid): (B, H, L_i, D) keys and
         values (dequantized if stored in low bits), (B, H, L_i) positions, validity or None.
         probs come back concatenated in the order of the parts."""
         if self.track_peak:  # new tokens are stored, not yet compressed: the high-water mark
             self.peak_bytes = max(self.peak_bytes, self.memory_bytes())
-            L = sum(p[0].size(2) for p in parts)
-            self.peak_scores_bytes = max(self.peak_scores_bytes, q.size(0) * q.size(1) * q.size(2) * L * 4)
+            if with_probs:
+                L = sum(p[0].size(2) for p in parts)
+                self.peak_scores_bytes = max(self.peak_scores_bytes, q.size(0) * q.size(1) * q.size(2) * L * 4)
         if self.backend == "triton" and q.size(2) == 1:  # packed low-bit parts: fast/decode_quant.py
             routed = self._decode_quant(q, parts)
             if routed is not None:
@@ -155,13 +167,13 @@ class KVCache:
 
             return decode_attention(q, k, v, valid)
         rows = self.method.probs_rows
-        if self.backend == "triton" and (not self.method.needs_probs or rows is not None):  # fast/prefill.py
+        if self.backend == "triton" and (not with_probs or rows is not None):  # fast/prefill.py
             from fast.prefill import ProbStats, prefill_attention
 
             out, colsum, _, last = prefill_attention(q, k, v, q_pos, k_pos, valid, min(rows or 0, q.size(2)))
             # the method reads column sums and the last rows only: no (B, H, T, L) matrix is built
-            return out, ProbStats(colsum, last, q.size(2)) if self.method.needs_probs else None
-        return reference_attention(q, k, v, q_pos, k_pos, valid)
+            return out, ProbStats(colsum, last, q.size(2)) if with_probs else None
+        return reference_attention(q, k, v, q_pos, k_pos, valid, with_probs)
 
     def reserve(self, new_tokens: int):
         """Room for `new_tokens` more tokens in one copy per layer, for methods whose buffers then

@@ -84,7 +84,7 @@ class Method:
     name = "full"
     compresses_at = "never"  # "prefill", "decode", "prefill+decode" (shown in the README table)
     takes_budget = True  # every method but the full cache is built as cls(budget=b, ...)
-    needs_probs = True  # False: observe() never reads the probabilities (lets a fast prefill skip them)
+    needs_probs = True  # False: observe() never reads the probabilities (attention then never builds them)
     # None: observe() may read the whole (B, H, T, L) probability matrix of a prefill. An int w:
     # it reads only column sums and the last w rows (the Triton prefill then never builds the matrix)
     probs_rows: int | None = None
@@ -108,7 +108,7 @@ class Method:
 
     def attend(self, cache, layer: Ragged, q, k, v, q_pos):
         self.append(layer, k, v, q_pos)
-        out, probs = cache.attention(q, layer, q_pos)
+        out, probs = cache.attention(q, layer, q_pos, with_probs=self.needs_probs)
         self.observe(layer, probs, q)
         self.compress(layer)
         return out

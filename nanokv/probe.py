@@ -90,8 +90,8 @@ def attention_maps(model, ids: torch.Tensor) -> list[torch.Tensor]:
     maps = []
 
     class Recorder(KVCache):  # a full cache that keeps every probability matrix it computes
-        def attention_over(self, q, parts, q_pos):
-            out, probs = super().attention_over(q, parts, q_pos)
+        def attention_over(self, q, parts, q_pos, with_probs=True):
+            out, probs = super().attention_over(q, parts, q_pos, with_probs=True)  # even where "full" skips them
             maps.append(probs[0])
             return out, probs
 

@@ -193,6 +193,33 @@ def test_ragged_attention_matches_per_head_loop():
         assert torch.allclose(probs[0, h, :, :n], p, atol=1e-6) and (probs[0, h, :, n:] == 0).all()
 
 
+def test_reference_attention_output_does_not_depend_on_probs_and_matches_explicit_softmax():
+    """out is the same tensor with and without probs (methods that skip them stay bit-identical to
+    those that read them), equals softmax(q k^T / sqrt(D) + causal mask) v in fp64 to 1e-6, and
+    the full cache, which reads no probabilities, never builds a (B, H, T, L) matrix."""
+    from nanokv.cache import reference_attention
+
+    g = torch.Generator().manual_seed(1)
+    B, H, T, L, D = 2, 3, 5, 9, 8
+    q, k, v = (torch.randn(B, H, n, D, generator=g) for n in (T, L, L))
+    q_pos, k_pos = torch.arange(L - T, L), torch.arange(L).expand(B, H, L)
+    out, probs = reference_attention(q, k, v, q_pos, k_pos)
+    out2, none = reference_attention(q, k, v, q_pos, k_pos, with_probs=False)
+    assert none is None and torch.equal(out, out2)
+    att = (q.double() @ k.double().transpose(-1, -2)) / D ** 0.5
+    att = att.masked_fill(k_pos[:, :, None, :] > q_pos[None, None, :, None], float("-inf")).softmax(-1)
+    diff = max((out.double() - att @ v.double()).abs().max().item(), (probs.double() - att).abs().max().item())
+    print(f"max |reference - explicit fp64| = {diff:.3g}")
+    assert diff < 1e-6
+    m = peaked_model()
+    for name, scores in (("full", 0), ("h2o", 2 * m.config.n_head * 40 * 40 * 4)):  # B=2, 40-token prompt
+        cache = KVCache(m.config, name, **({} if name == "full" else {"budget": 16}))
+        cache.track_peak = True
+        with torch.no_grad():
+            m(torch.randint(0, 256, (2, 40), generator=g), cache=cache)
+        assert cache.peak_scores_bytes == scores, (name, cache.peak_scores_bytes)
+
+
 
 def test_short_prompt_is_not_compressed():
     m = peaked_model()

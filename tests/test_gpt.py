@@ -67,13 +67,28 @@ def test_cached_equals_uncached():
 def test_generate_with_and_without_cache_agree():
     m = peaked_model()
     prompt = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(3))
-    a = m.generate(prompt, 25, temperature=0)
-    b = m.generate(prompt, 25, cache=KVCache(m.config), temperature=0)
+    a = m.generate(prompt, 25, temperature=0)  # its own cache, under torch.inference_mode
+    cache = KVCache(m.config)
+    b = m.generate(prompt, 20, cache=cache, temperature=0)  # the caller's cache, under torch.no_grad
     seq = prompt
     with torch.no_grad():  # uncached greedy recomputation
         for _ in range(25):
             seq = torch.cat([seq, m(seq)[0][:, -1:].argmax(-1)], 1)
+        # the caller's cache goes on outside generate (its tensors are not inference tensors)
+        b = torch.cat([b, m.generate(b[:, -1:], 5, cache=cache, temperature=0)[:, 1:]], 1)
     assert torch.equal(a, b) and torch.equal(a, seq)
+    assert not a.is_inference() and not any(layer.fields["k"].is_inference() for layer in cache.layers)
+    a[0, 0] = 7  # generate's result is an ordinary tensor: in-place writes work
+
+
+def test_bench_plain_loop_generates_what_generate_does():
+    """bench.py's plain loop (the eager floor it compares against) decodes the same tokens."""
+    import bench
+
+    m = peaked_model()
+    prompt = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(bench.plain_generate(m, prompt, 12), m.generate(prompt, 12, temperature=0))
 
 
 def test_sampling_is_seeded():

@@ -4,7 +4,7 @@
   - two caches used alternately on one model do not interfere;
   - cache.reset() returns a cache to empty, and it then behaves as new;
   - batch rows do not leak: row i of a batch equals running row i alone (same kept positions,
-    logits to 1e-5), on a model whose attention is not near-uniform;
+    logits to 1e-5, 1e-3 for quantizers), on a model whose attention is not near-uniform;
   - the same inputs and seed give bit-identical results on every run (CaM's random merging too).
 """
 
@@ -88,10 +88,15 @@ def test_batch_rows_do_not_leak(name):
     idx = tokens(3, 7)
     batch = new_cache(m, name)
     together = run(m, batch, idx)
+    # A batched matrix product is not bit-identical to a one-row one (last-bit differences); a
+    # quantizer may then round a value the other way, which moves a logit by about one
+    # quantization step (2e-4 seen for rtn); a leak between rows would move it far more.
+    tol = 1e-3 if getattr(METHODS[name], "lossy", False) else 1e-5
     for i in range(3):
         alone = new_cache(m, name)
         diff = (together[i:i + 1] - run(m, alone, idx[i:i + 1])).abs().max().item()
-        assert diff < 1e-5, f"{name}: row {i} differs from running it alone by {diff:.3g}"
+        print(f"{name} row {i}: max |batched - alone| = {diff:.3g}")
+        assert diff < tol, f"{name}: row {i} differs from running it alone by {diff:.3g}"
         assert kept(batch)[0][i] == kept(alone)[0][0], f"{name}: row {i} keeps other positions alone"
 
 

@@ -78,7 +78,7 @@ class KIVI(Method):
         B, H, T, D = q.shape
         layer.append(k=k, pos=q_pos.to(torch.int32).expand(B, H, T))
         layer.segments["vr"].append(v=v)
-        out, _ = cache.attention(q, layer, q_pos)
+        out, _ = cache.attention(q, layer, q_pos, with_probs=False)
         self.compress(layer)
         return out
 
