@@ -127,7 +127,7 @@ class KVCache:
         if q.device != self.device:
             raise ValueError(f"device {q.device} differs from this cache's device {self.device}")
         layer = self.layers[layer_idx]
-        q_pos = torch.arange(layer.n_seen, layer.n_seen + T, dtype=torch.int32, device=q.device)  # (T,)
+        q_pos = torch.arange(layer.n_seen, layer.n_seen + T, dtype=torch.int32, device=q.device)  # (T,), as stored
         out = self.method.attend(self, layer, q, k, v, q_pos)
         layer.n_seen += T
         return out

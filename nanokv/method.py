@@ -84,6 +84,7 @@ class Method:
     name = "full"
     compresses_at = "never"  # "prefill", "decode", "prefill+decode" (shown in the README table)
     takes_budget = True  # every method but the full cache is built as cls(budget=b, ...)
+    lossy = False  # True: differs from the full cache even when nothing is evicted (the quantizers)
     needs_probs = True  # False: observe() never reads the probabilities (attention then never builds them)
     # None: observe() may read the whole (B, H, T, L) probability matrix of a prefill. An int w:
     # it reads only column sums and the last w rows (the Triton prefill then never builds the matrix)
@@ -121,9 +122,9 @@ class Method:
 
     @staticmethod
     def append(layer: Ragged, k, v, q_pos):
-        """Store the new tokens' keys, values and positions (k, v: (B, H, T, D); q_pos: (T,))."""
+        """Store the new tokens' keys, values and positions (k, v: (B, H, T, D); q_pos: (T,) int32)."""
         B, H, T, _ = k.shape
-        layer.append(k=k, v=v, pos=q_pos.to(torch.int32).expand(B, H, T))
+        layer.append(k=k, v=v, pos=q_pos.expand(B, H, T))
 
     def observe(self, layer: Ragged, probs: torch.Tensor, q: torch.Tensor):
         """probs (B, H, T, Lmax) fp32: attention of the T new queries over every stored entry."""

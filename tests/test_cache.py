@@ -22,7 +22,7 @@ def run(model, cache, idx, n_prompt):
 
 @pytest.mark.parametrize("name", ALL)
 def test_budget_that_keeps_everything_equals_full(name):
-    if getattr(METHODS[name], "lossy", False):
+    if METHODS[name].lossy:
         pytest.skip("a quantization method: its lossless settings are tested in test_quantization.py")
     m = peaked_model()
     idx = torch.randint(0, 256, (2, 72), generator=torch.Generator().manual_seed(0))

@@ -62,7 +62,7 @@ def test_full_budget_perplexity_and_attention_equal_full_cache(ckpt, protocol):
     ref = nkeval.perplexity(model, nkeval.make_factory(model.config, "full", None), text, 64, 1, 0, protocol)
     wins = nkeval.windows(model, text, 64, 1, 0)
     for name, cls in METHODS.items():
-        if cls.takes_budget and not getattr(cls, "lossy", False):
+        if cls.takes_budget and not cls.lossy:
             factory = nkeval.make_factory(model.config, name, 128)
             ppl = nkeval.perplexity(model, factory, text, 64, 1, 0, protocol)
             assert ppl == ref, name

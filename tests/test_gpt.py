@@ -128,8 +128,6 @@ def test_weight_layouts_survive_loading_and_casting():
     """gpt.column_major: c_attn, attn.c_proj, c_fc and the tied embedding / lm_head are stored
     column-major (the faster decode layout on CPU), mlp.c_proj row-major; loading a checkpoint and
     casting keep the layouts and the tying."""
-    from gpt import GPT
-
     for m in (GPT.from_pretrained("nanokv-tiny"), GPT.from_pretrained("nanokv-tiny").half()):
         assert m.transformer.wte.weight is m.lm_head.weight
         block = m.transformer.h[0]

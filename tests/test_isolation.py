@@ -91,7 +91,7 @@ def test_batch_rows_do_not_leak(name):
     # A batched matrix product is not bit-identical to a one-row one (last-bit differences); a
     # quantizer may then round a value the other way, which moves a logit by about one
     # quantization step (2e-4 seen for rtn); a leak between rows would move it far more.
-    tol = 1e-3 if getattr(METHODS[name], "lossy", False) else 1e-5
+    tol = 1e-3 if METHODS[name].lossy else 1e-5
     for i in range(3):
         alone = new_cache(m, name)
         diff = (together[i:i + 1] - run(m, alone, idx[i:i + 1])).abs().max().item()

@@ -191,7 +191,7 @@ def property_run(name, backend, data):
     for field, stored, true, bound in stored_vs_true(cache, full):
         err = (stored - true).abs()
         assert (err <= bound).all(), f"{name} {field}: max err {err.max():.3g} beyond bound (max excess {(err - bound).max():.3g})"
-    lossless = not getattr(cls, "lossy", False)
+    lossless = not cls.lossy
     if lossless and (budget >= total or not cls.takes_budget):
         tol = 0 if backend == "torch" else 1e-4
         assert (got - ref).abs().max() <= tol, f"{name} at budget {budget} >= {total}: differs from the full cache"

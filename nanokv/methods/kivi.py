@@ -76,7 +76,7 @@ class KIVI(Method):
 
     def attend(self, cache, layer, q, k, v, q_pos):
         B, H, T, D = q.shape
-        layer.append(k=k, pos=q_pos.to(torch.int32).expand(B, H, T))
+        layer.append(k=k, pos=q_pos.expand(B, H, T))
         layer.segments["vr"].append(v=v)
         out, _ = cache.attention(q, layer, q_pos, with_probs=False)
         self.compress(layer)

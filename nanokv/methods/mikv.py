@@ -100,7 +100,7 @@ class MiKV(Method):
         if self.balancer and layer.index in self.scales:
             b = self.scales[layer.index]
             q, k = (q.float() / b).to(q.dtype), (k.float() * b).to(k.dtype)
-        pos = q_pos.to(torch.int32).expand(B, H, T)
+        pos = q_pos.expand(B, H, T)
         parts = [store_part(hi), self.low_part(lo), (k, v, pos, None)]
         out, probs = cache.attention_over(q, parts, q_pos)  # this call's tokens at full precision
         n_hi, n_lo = hi.max_len, lo.max_len
