@@ -41,7 +41,7 @@ def builtin_documents() -> tuple[str, ...]:
     return tuple(docs)
 
 
-def _is_val(doc: str, val_fraction: float) -> bool:
+def is_val_document(doc: str, val_fraction: float = 0.1) -> bool:
     return hashlib.sha1(doc.encode("utf-8")).digest()[0] < int(256 * val_fraction)
 
 
@@ -50,7 +50,7 @@ def builtin_text(split: str = "train", val_fraction: float = 0.1) -> str:
     """The built-in corpus, one split ("train" or "val"), documents joined by blank lines."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    docs = [d for d in builtin_documents() if _is_val(d, val_fraction) == (split == "val")]
+    docs = [d for d in builtin_documents() if is_val_document(d, val_fraction) == (split == "val")]
     return "\n\n".join(docs)
 
 

@@ -17,6 +17,8 @@ then a question for one key:
 
 An Episode holds token ids: `prompt` (context + question) and `answer`. The question-agnostic
 protocol prefills `prompt[:context_len]`, compresses, then feeds `prompt[context_len:]`.
+Values have `digits` digits: 5 for the byte tokenizer (the committed byte model's format),
+4 for subword tokenizers, where tinybpe makes a 4-digit value exactly two tokens (" 48", "13").
 Generation is seeded (`random.Random(seed)`) and reproducible; the answer string occurs in the
 prompt exactly once; the episode is exactly `length` tokens long (prompt + answer).
 """
@@ -48,6 +50,26 @@ class Episode:
         return len(self.prompt) + len(self.answer)
 
 
+def default_digits(tok) -> int:
+    """Digits of a passkey or line value: 5 with bytes, 4 with a subword tokenizer."""
+    return 5 if getattr(tok, "name", None) == "byte" else 4
+
+
+def _value(rng: random.Random, digits: int) -> str:
+    return str(rng.randint(10 ** (digits - 1), 10 ** digits - 1))
+
+
+def min_episode_length(tok, digits: int | None = None) -> int:
+    """The shortest `length` (prompt + answer tokens) for which both kinds of episode fit with this
+    tokenizer: passkey's needle, question and answer; two lines of the longest keys and their question."""
+    value = "9" * (default_digits(tok) if digits is None else digits)
+    passkey = (len(tok.encode(PASSKEY_NEEDLE.format(key=value))) + len(tok.encode(PASSKEY_QUESTION))
+               + len(tok.encode(" " + value)) + 1)
+    line = len(tok.encode(LINE.format(key="x" * 8, value=value)))
+    lines = 2 * line + 4 + len(tok.encode(LINES_QUESTION.format(key="x" * 8))) + 6 + len(tok.encode(" " + value))
+    return max(48, passkey, lines)
+
+
 def _check(length, depth, minimum):
     if not isinstance(length, int) or length < minimum:
         raise ValueError(f"length must be an int >= {minimum} tokens, got {length!r}")
@@ -56,13 +78,14 @@ def _check(length, depth, minimum):
 
 
 def passkey_episode(rng: random.Random, tok, filler: list[int], length: int,
-                    depth: float | None = None) -> Episode:
+                    depth: float | None = None, digits: int | None = None) -> Episode:
     """A passkey episode of exactly `length` tokens; `filler` is tokenized natural text."""
     _check(length, depth, 48)
     depth = rng.random() if depth is None else depth
+    digits = default_digits(tok) if digits is None else digits
     question = tok.encode(PASSKEY_QUESTION)
     while True:
-        key = str(rng.randint(10000, 99999))
+        key = _value(rng, digits)
         needle, answer = tok.encode(PASSKEY_NEEDLE.format(key=key)), tok.encode(" " + key)
         n_fill = length - len(needle) - len(question) - len(answer)
         if n_fill < 0 or len(filler) < n_fill + 1:
@@ -82,11 +105,12 @@ def words_from(text: str, lo: int = 4, hi: int = 8) -> list[str]:
 
 
 def lines_episode(rng: random.Random, tok, filler: list[int], words: list[str], length: int,
-                  depth: float | None = None) -> Episode:
+                  depth: float | None = None, digits: int | None = None) -> Episode:
     """A line-retrieval episode of exactly `length` tokens. Lines fill the context; the gap
     left at the start (less than one line) is natural filler text."""
     _check(length, depth, 48)
     depth = rng.random() if depth is None else depth
+    digits = default_digits(tok) if digits is None else digits
     keys, values, lines = [], set(), []
     budget = length - 4 - len(tok.encode(LINES_QUESTION.format(key="x" * 8))) - 6  # room for question
     used = 0
@@ -94,7 +118,7 @@ def lines_episode(rng: random.Random, tok, filler: list[int], words: list[str], 
         raise ValueError("line retrieval needs at least two distinct key words in the text")
     while len(keys) < len(set(words)):  # until the budget is full or the words run out
         key = rng.choice(words)
-        value = str(rng.randint(10000, 99999))
+        value = _value(rng, digits)
         if key in keys or value in values:
             continue
         line = tok.encode(LINE.format(key=key, value=value))
@@ -130,15 +154,19 @@ def repeat_row(rng: random.Random, tok, length: int, lo: int = 6, hi: int = 40) 
     copying, which makes induction ("copy what followed last time") heads form quickly."""
     chars = "0123456789abcdefghijklmnopqrstuvwxyz"
     unit = "".join(rng.choice(chars) for _ in range(rng.randint(lo, hi))) + " "
-    ids = tok.encode(unit * (length // len(tok.encode(unit)) + 2))
+    reps = length // len(tok.encode(unit)) + 2
+    ids = tok.encode(unit * reps)
+    while len(ids) < length:  # a subword tokenizer may merge across repetitions
+        reps *= 2
+        ids = tok.encode(unit * reps)
     return ids[:length]
 
 
-def make_episode(kind: str, rng, tok, filler, words, length, depth=None) -> Episode:
+def make_episode(kind: str, rng, tok, filler, words, length, depth=None, digits=None) -> Episode:
     if kind == "passkey":
-        return passkey_episode(rng, tok, filler, length, depth)
+        return passkey_episode(rng, tok, filler, length, depth, digits)
     if kind == "lines":
-        return lines_episode(rng, tok, filler, words, length, depth)
+        return lines_episode(rng, tok, filler, words, length, depth, digits)
     raise ValueError(f"unknown episode kind {kind!r}; valid kinds: ['passkey', 'lines']")
 
 
