@@ -183,10 +183,10 @@ def bench_methods(budget_frac: float, prompt_len: int, n_new: int, repeats: int,
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="decode speed: nanokv GPT vs transformers GPT-2")
+    p = argparse.ArgumentParser(description="decode speed: nanokv GPT vs transformers GPT-2", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sizes", default="gpt2,tiny", help=f"comma list from {list(SIZES)}")
-    p.add_argument("--prompt", type=int, default=512)
-    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--prompt", type=int, default=512, help="prompt tokens")
+    p.add_argument("--new", type=int, default=128, help="tokens generated")
     p.add_argument("--repeats", type=int, default=3, help="best of this many runs")
     p.add_argument("--threads", type=int, default=0, help="torch threads for both (0 = default)")
     p.add_argument("--methods", action="store_true", help="every method on the tiny model instead")

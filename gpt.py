@@ -18,9 +18,11 @@ past the block size is out of scope for this model).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import socket
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -28,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 HF_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+HF_ALIASES = {f"openai-community/{n}": n for n in HF_NAMES}  # the Hub's current ids
 # the tiny byte-level checkpoint that ships with nanokv (trained by train_tiny.py; see README)
 TINY_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nanokv", "assets", "tiny.pt")
 
@@ -150,12 +153,55 @@ def column_major(linear: nn.Linear):
     linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t())
 
 
+def guess_tokenizer(vocab_size: int) -> str | None:
+    """The nanokv tokenizer a vocabulary size implies, or None."""
+    return {256: "byte", 2048: "tinybpe", 50257: "gpt2"}.get(vocab_size)
+
+
+def check_ids(idx, vocab_size: int):
+    """idx must be a (B, T) integer tensor of ids in [0, vocab_size), T >= 1: a clear error otherwise."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"idx must be a (B, T) tensor of token ids, e.g. torch.tensor([ids]); got "
+                        f"{type(idx).__name__}")
+    if idx.dtype not in (torch.long, torch.int):
+        raise TypeError(f"idx must hold integer token ids (torch.long), got dtype {idx.dtype}")
+    if idx.dim() != 2:
+        hint = " (one sequence: idx[None])" if idx.dim() == 1 else ""
+        raise ValueError(f"idx must be 2-D (B, T), got shape {tuple(idx.shape)}{hint}")
+    if idx.size(1) == 0:
+        raise ValueError("idx must hold at least one token (got T=0)")
+    if idx.device.type == "meta":  # shapes only (no values to check)
+        return
+    lo, hi = torch.aminmax(idx)
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token ids must be in [0, {vocab_size}) (the vocabulary), got ids from {int(lo)} to {int(hi)}")
+
+
+def state_digest(state: dict) -> str:
+    """SHA-256 over every tensor (name, dtype, shape, bytes) in name order: stored beside the weights
+    by save_checkpoint and checked by from_pretrained, so a damaged file is refused."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def check_finite(state: dict, where: str):
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise ValueError(f"{where} holds NaN or inf weights in {bad}")
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, tokenizer: str | None = None):
         super().__init__()
         self.config = config
-        # name of the tokenizer this model was trained with ("byte" or "gpt2"); see nanokv.tokenizer
-        self.tokenizer_name = tokenizer or ("byte" if config.vocab_size == 256 else "gpt2")
+        # name of the tokenizer this model was trained with ("byte", "tinybpe" or "gpt2"; None when
+        # no nanokv tokenizer fits the vocabulary); see nanokv.tokenizer
+        self.tokenizer_name = tokenizer if tokenizer is not None else guess_tokenizer(config.vocab_size)
+        self.tokenizer_dir = None  # a Hugging Face directory's own GPT-2 tokenizer files, if it has them
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -195,18 +241,21 @@ class GPT(nn.Module):
         """The tokenizer this model was trained with (a nanokv.tokenizer object)."""
         from nanokv.tokenizer import get_tokenizer
 
-        return get_tokenizer(self.tokenizer_name)
+        if self.tokenizer_name is None:
+            raise ValueError(f"no nanokv tokenizer matches this model's vocabulary of {self.config.vocab_size} "
+                             "tokens (byte: 256, tinybpe: 2048, gpt2: 50257); encode text with the model's own "
+                             "tokenizer and pass token ids")
+        return get_tokenizer(self.tokenizer_name, gpt2_dir=self.tokenizer_dir)
 
     def forward(self, idx, targets=None, cache=None, last_logits_only: bool = False):
         """idx (B, T) token ids -> logits (B, T, V) (or (B, 1, V) with last_logits_only), loss."""
-        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype not in (torch.long, torch.int):
-            raise TypeError("idx must be a (B, T) integer tensor of token ids")
+        check_ids(idx, self.config.vocab_size)
         B, T = idx.shape
-        if T == 0:
-            raise ValueError("idx must hold at least one token (got T=0)")
-        if cache is not None and getattr(cache, "config", None) != self.config:
-            raise ValueError(f"this cache was built for another model config ({getattr(cache, 'config', None)}); "
-                             f"build it with KVCache(model.config, ...) for this model ({self.config})")
+        if cache is not None:
+            if getattr(cache, "config", None) != self.config:
+                raise ValueError(f"this cache was built for another model config ({getattr(cache, 'config', None)}); "
+                                 f"build it with KVCache(model.config, ...) for this model ({self.config})")
+            cache.bind(self)  # a cache serves one model
         start = 0 if cache is None else cache.seq_len  # position of the first new token
         if start + T > self.config.block_size:
             raise ValueError(
@@ -241,6 +290,10 @@ class GPT(nn.Module):
         is not run that way: tensors made in inference mode cannot be written outside it, so
         that cache could not be continued later.
         """
+        check_ids(idx, self.config.vocab_size)
+        if isinstance(max_new_tokens, bool) or not hasattr(max_new_tokens, "__index__"):
+            raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__} {max_new_tokens!r}")
+        max_new_tokens = int(max_new_tokens)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if temperature < 0:
@@ -270,6 +323,9 @@ class GPT(nn.Module):
             if i == 0:  # after the prefill: room for the tokens to come, so the buffers do not regrow
                 cache.reserve(max_new_tokens - 1)
             logits = logits[:, -1, :].float()
+            if not torch.isfinite(logits).all():  # never decode from NaN (argmax would say token 0 forever)
+                raise FloatingPointError(f"non-finite logits at generation step {i}: the model's weights or "
+                                         "activations hold NaN or inf")
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -289,7 +345,7 @@ class GPT(nn.Module):
         state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in self.state_dict().items()}
         state.pop("lm_head.weight", None)  # tied to transformer.wte.weight
         ckpt = {"format": "nanokv-gpt", "config": self.config.to_dict(),
-                "tokenizer": self.tokenizer_name, "model": state, **extra}
+                "tokenizer": self.tokenizer_name, "model": state, "digest": state_digest(state), **extra}
         torch.save(ckpt, path)
 
     @classmethod
@@ -308,10 +364,13 @@ class GPT(nn.Module):
         path = os.fspath(name_or_path)
         if path == "nanokv-tiny":
             path = TINY_CHECKPOINT
-        if os.path.isdir(path):
-            config, state = _read_hf_dir(path)
-            model = cls(config, tokenizer="gpt2" if config.vocab_size == 50257 else "byte")
-            model.load_state_dict_strict(_hf_to_ours(state, config))
+        hub_name = HF_ALIASES.get(path, path) if HF_ALIASES.get(path, path) in HF_NAMES else None
+        if os.path.isdir(path) and not (hub_name and not os.path.isfile(os.path.join(path, "config.json"))):
+            config, state = _read_hf_dir(path)  # (a ./gpt2/ folder without config.json is not a model)
+            model = cls(config)
+            model.load_state_dict_strict(_hf_to_ours(state, config), where=path)
+            if all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt")):
+                model.tokenizer_dir = path  # its own GPT-2 BPE files: the tokenizer works offline
         elif os.path.isfile(path):
             try:
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -319,11 +378,14 @@ class GPT(nn.Module):
                 raise ValueError(f"cannot read checkpoint {path!r}: {e}") from e
             if not isinstance(ckpt, dict) or ckpt.get("format") != "nanokv-gpt":
                 raise ValueError(f"{path!r} is not a nanokv checkpoint (no 'format': 'nanokv-gpt' entry)")
+            if "digest" in ckpt and state_digest(ckpt["model"]) != ckpt["digest"]:
+                raise ValueError(f"checkpoint {path!r} is damaged: its weights do not match the SHA-256 digest "
+                                 "saved with them")
             model = cls(GPTConfig.from_dict(ckpt["config"]), tokenizer=ckpt.get("tokenizer"))
             state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-            model.load_state_dict_strict(state)
+            model.load_state_dict_strict(state, where=path)
             model.checkpoint_info = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
-        elif path in HF_NAMES:
+        elif hub_name:
             try:
                 from transformers import GPT2LMHeadModel
             except ImportError as e:
@@ -331,21 +393,22 @@ class GPT(nn.Module):
                     f"loading {path!r} from the Hugging Face Hub needs transformers: "
                     "pip install 'nanokv[dev]' (or pass a local save_pretrained directory)"
                 ) from e
-            hf = GPT2LMHeadModel.from_pretrained(path)
+            hf = _hub_model(GPT2LMHeadModel, path)
             config = _config_from_hf(hf.config.to_dict())
             model = cls(config, tokenizer="gpt2")
-            model.load_state_dict_strict(_hf_to_ours(hf.state_dict(), config))
+            model.load_state_dict_strict(_hf_to_ours(hf.state_dict(), config), where=path)
         else:
             raise ValueError(
                 f"unknown model {path!r}: not a file or directory, and not one of the Hugging Face "
-                f"names {list(HF_NAMES)}"
+                f"names {list(HF_NAMES) + list(HF_ALIASES)}"
             )
         if dtype is not None:
             model = model.to(dtype)
         return model.eval()
 
-    def load_state_dict_strict(self, state: dict):
-        """Load weights, raising one error that lists every missing, unexpected or mis-shaped tensor."""
+    def load_state_dict_strict(self, state: dict, where: str = "checkpoint"):
+        """Load weights, raising one error that lists every missing, unexpected or mis-shaped tensor,
+        or names the tensors holding NaN or inf."""
         own = {k: v for k, v in self.state_dict().items() if k != "lm_head.weight"}
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
         missing = sorted(set(own) - set(state))
@@ -361,6 +424,7 @@ class GPT(nn.Module):
                 + (f"\n  unexpected tensors: {unexpected}" if unexpected else "")
                 + (f"\n  mis-shaped tensors: {misshaped}" if misshaped else "")
             )
+        check_finite(state, where)
         self.load_state_dict(state, strict=False)
         self.lm_head.weight = self.transformer.wte.weight  # keep the tie
 
@@ -369,16 +433,62 @@ class GPT(nn.Module):
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+# GPT2Config fields that change the computation, and the only values our GPT computes. A config
+# with any other value is refused (never loaded and silently computed differently).
+HF_REQUIRED = {
+    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),  # tanh-approximate GELU
+    "scale_attn_weights": (True,),  # scores divided by sqrt(head_dim)
+    "scale_attn_by_inverse_layer_idx": (False,),  # no extra 1/(layer+1) scaling
+    "reorder_and_upcast_attn": (False,),  # the plain attention order
+    "tie_word_embeddings": (True,),  # lm_head is the token embedding
+    "add_cross_attention": (False,),  # a decoder-only model
+}
+
+
 def _config_from_hf(d: dict) -> GPTConfig:
-    act = d.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"unsupported activation_function {act!r}; GPT-2 uses gelu_new")
+    """Our GPTConfig from a transformers GPT2Config dict; refuses any field value we would not
+    compute exactly as transformers does (parity within 1e-5 is tested for what is accepted)."""
+    if d.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"config.json is a {d.get('model_type')!r} model; GPT.from_pretrained loads GPT-2 only "
+                         "(other architectures: nanokv.hf)")
+    for key, allowed in HF_REQUIRED.items():
+        value = d.get(key, allowed[0])
+        if value not in allowed:
+            raise ValueError(f"unsupported GPT-2 config: {key}={value!r} (nanokv's GPT computes only "
+                             f"{key} in {list(allowed)}); loading it would give wrong logits")
+    n_inner = d.get("n_inner")
+    if n_inner is not None and n_inner != 4 * d.get("n_embd", -1):
+        raise ValueError(f"unsupported GPT-2 config: n_inner={n_inner} (nanokv's MLP is 4 * n_embd = "
+                         f"{4 * d.get('n_embd', 0)} wide)")
     try:
         return GPTConfig(block_size=d["n_positions"], vocab_size=d["vocab_size"], n_layer=d["n_layer"],
                          n_head=d["n_head"], n_embd=d["n_embd"],
                          layer_norm_eps=d.get("layer_norm_epsilon", 1e-5))
     except KeyError as e:
         raise ValueError(f"config.json lacks the GPT-2 field {e}") from e
+
+
+def _hub_model(cls, name: str):
+    """transformers' from_pretrained for a Hub name: from the local Hugging Face cache when it is
+    there, else a download; offline, fail at once with the local-directory route (not after
+    transformers' retries)."""
+    try:
+        return cls.from_pretrained(name, local_files_only=True)
+    except OSError:
+        pass  # not cached
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if not offline:
+        try:
+            socket.create_connection((host, 443), timeout=3).close()
+        except OSError:
+            offline = True
+    if offline:
+        raise OSError(f"cannot download {name!r}: the Hugging Face Hub ({host}) is not reachable and the model is "
+                      "not in the local cache. Offline: on a machine with internet run "
+                      f"transformers.GPT2LMHeadModel.from_pretrained({name!r}).save_pretrained(DIR) (and the "
+                      "tokenizer's save_pretrained(DIR)), copy DIR here and load GPT.from_pretrained(DIR)")
+    return cls.from_pretrained(name)
 
 
 def _read_hf_dir(path: str):

@@ -34,50 +34,68 @@ from tqdm import tqdm
 
 from gpt import GPT, GPTConfig
 from nanokv.corpus import builtin_text, corpus_info, file_text
-from nanokv.episodes import exact_match, make_episode, repeat_row, words_from
+from nanokv.episodes import exact_match, make_episode, min_episode_length, repeat_row, words_from
 from nanokv.tokenizer import get_tokenizer
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the module docstring's layout and shows every option's default."""
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", help="model size preset from gpt.PRESETS [tiny]")
-    p.add_argument("--n-layer", type=int), p.add_argument("--n-head", type=int)
-    p.add_argument("--n-embd", type=int)
-    p.add_argument("--block-size", type=int, default=512, help="context length [512]")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--preset", default="tiny", help="model size preset from gpt.PRESETS")
+    p.add_argument("--n-layer", type=int, help="override the preset's layers")
+    p.add_argument("--n-head", type=int, help="override the preset's heads")
+    p.add_argument("--n-embd", type=int, help="override the preset's width")
+    p.add_argument("--block-size", type=int, default=512, help="context length")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    p.add_argument("--steps", type=int, default=6000, help="length of the learning-rate schedule")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--min-lr-frac", type=float, default=0.05, help="final lr as a fraction of --lr")
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--data", help="train on this text file instead of the built-in corpus")
-    p.add_argument("--tokenizer", default="byte", choices=["byte", "gpt2"])
-    p.add_argument("--gpt2-dir", help="offline GPT-2 tokenizer files (else $NANOKV_GPT2_DIR or download)")
-    p.add_argument("--episode-ratio", type=float, default=0.5, help="fraction of rows that are episodes")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip")
+    p.add_argument("--seed", type=int, default=1337, help="seed of every random choice")
+    p.add_argument("--data", help="train on this text file instead of the built-in corpus "
+                                  "(episodes and repeat rows are then off unless asked for)")
+    p.add_argument("--tokenizer", default="byte", choices=["byte", "tinybpe", "gpt2"],
+                   help="byte: UTF-8 bytes; tinybpe: nanokv's committed 2048-token BPE; gpt2: GPT-2's BPE")
+    p.add_argument("--train-tokenizer", action="store_true",
+                   help="train tinybpe's vocabulary on the built-in corpus's training split "
+                        "(nanokv/assets/tinybpe.tiktoken; needs the tokenizers package) and exit")
+    p.add_argument("--gpt2-dir", help="offline GPT-2 tokenizer files (else $NANOKV_GPT2_DIR, else tiktoken's download)")
+    p.add_argument("--episode-ratio", type=float, default=None,
+                   help="fraction of the non-repeat rows that are retrieval episodes [0.5; 0 with --data]")
     p.add_argument("--lines-share", type=float, default=0.5, help="fraction of episodes that are line retrieval")
-    p.add_argument("--repeat-ratio", type=float, default=0.2,
-                   help="fraction of rows that are a random string repeated (a copy warm-up, see nanokv.episodes.repeat_row)")
-    p.add_argument("--answer-weight", type=float, default=10.0)
-    p.add_argument("--curriculum", default="128,256,512,512", help="batch lengths drawn uniformly")
-    p.add_argument("--eval-interval", type=int, default=500)
-    p.add_argument("--eval-episodes", type=int, default=40)
+    p.add_argument("--repeat-ratio", type=float, default=None,
+                   help="fraction of rows that are a random string repeated (a copy warm-up, see "
+                        "nanokv.episodes.repeat_row) [0.2; 0 with --data]")
+    p.add_argument("--answer-weight", type=float, default=10.0, help="loss weight of answer tokens")
+    p.add_argument("--curriculum", default=None,
+                   help="comma-separated batch lengths drawn uniformly [block/4, block/2, block, block]")
+    p.add_argument("--eval-interval", type=int, default=500, help="evaluate and save every this many steps (0: at the end)")
+    p.add_argument("--eval-episodes", type=int, default=40, help="episodes per retrieval task at each evaluation")
+    p.add_argument("--eval-length", type=int, help="episode length of the evaluation [the longest curriculum length]")
     p.add_argument("--out", default="out/tiny.pt", help="training checkpoint (with optimizer)")
     p.add_argument("--export", help="also write an fp16 checkpoint without optimizer here at the end")
     p.add_argument("--resume", help="continue from this training checkpoint")
     p.add_argument("--stop-after", type=int, help="stop (and save) after this step, keeping the --steps schedule")
     p.add_argument("--ema", type=float, default=0.0,
                    help="keep an exponential moving average of the weights with this decay (e.g. 0.998); "
-                        "evaluation, checkpoints' model and --export then use the average [0 = off]")
+                        "evaluation, checkpoints' model and --export then use the average (0 = off)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = p.parse_args(argv)
     check_args(args)
     return args
 
 
 def check_args(args):
+    if args.episode_ratio is None:  # synthetic rows only on the built-in corpus, unless asked for
+        args.episode_ratio = 0.0 if args.data else 0.5
+    if args.repeat_ratio is None:
+        args.repeat_ratio = 0.0 if args.data else 0.2
     for name in ("episode_ratio", "lines_share", "repeat_ratio"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
@@ -87,9 +105,22 @@ def check_args(args):
         raise ValueError(f"--ema must be in [0, 1) (0 = off), got {args.ema}")
     if not 0.0 <= args.min_lr_frac <= 1.0:
         raise ValueError(f"--min-lr-frac must be in [0, 1], got {args.min_lr_frac}")
-    lengths = [int(x) for x in args.curriculum.split(",")]
-    if any(n < 96 or n > args.block_size for n in lengths):
-        raise ValueError(f"--curriculum lengths must be in [96, --block-size={args.block_size}], got {lengths}")
+    if args.block_size < 8:
+        raise ValueError(f"--block-size must be >= 8, got {args.block_size}")
+    if args.curriculum is None:
+        b = args.block_size
+        args.curriculum = ",".join(str(max(8, n)) for n in (b // 4, b // 2, b, b))
+    try:
+        lengths = [int(x) for x in args.curriculum.split(",")]
+    except ValueError:
+        raise ValueError(f"--curriculum must be comma-separated integers, got {args.curriculum!r}") from None
+    if any(n < 8 or n > args.block_size for n in lengths):
+        raise ValueError(f"--curriculum lengths must be in [8, --block-size={args.block_size}], got {lengths}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available here (torch {torch.__version__}); "
+                         "use --device cpu")
+    if args.data is not None and os.path.isdir(args.data):
+        raise ValueError(f"--data {args.data!r} is a directory; pass one text file")
 
 
 class Data:
@@ -106,6 +137,13 @@ class Data:
         self.words = {"train": words_from(train), "val": words_from(val)}
         if len(self.train) < 2 * args.block_size or len(self.val) < args.block_size + 1:
             raise ValueError("the text is too short for --block-size; use a longer file")
+        if args.episode_ratio > 0:  # every batch length must hold an episode of either kind
+            need = min_episode_length(self.tok)
+            short = [n for n in (int(x) for x in args.curriculum.split(",")) if n + 1 < need]
+            if short:
+                raise ValueError(f"--curriculum lengths {short} are too short for a retrieval episode with the "
+                                 f"{self.tok.name} tokenizer (at least {need - 1} tokens); use longer lengths, "
+                                 "or --episode-ratio 0")
 
     def batch(self, rng: random.Random, args, T: int):
         """x, y (B, T) and per-target weights (B, T)."""
@@ -137,8 +175,9 @@ def lr_at(step, args):
 
 
 @torch.no_grad()
-def val_bits_per_byte(model, data, args, max_tokens=65536):
-    """Validation loss in bits per byte over the first max_tokens tokens of the val split."""
+def val_loss(model, data, args, max_tokens=65536):
+    """Validation loss over the first max_tokens tokens of the val split: (nats per token, the
+    unit the training loss is printed in, and bits per byte, comparable across tokenizers)."""
     model.eval()
     T = args.block_size
     total_nats, n_tok = 0.0, 0
@@ -150,7 +189,8 @@ def val_bits_per_byte(model, data, args, max_tokens=65536):
         n_tok += T
     model.train()
     byte_per_tok = data.n_val_bytes / len(data.val)
-    return total_nats / n_tok / math.log(2) / byte_per_tok
+    nats = total_nats / n_tok
+    return nats, nats / math.log(2) / byte_per_tok
 
 
 @torch.no_grad()
@@ -203,7 +243,7 @@ def train(args):
     else:
         overrides = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)}
         config = GPTConfig.preset(args.preset, block_size=args.block_size,
-                                  vocab_size=256 if args.tokenizer == "byte" else 50257, **overrides)
+                                  vocab_size=data.tok.vocab_size, **overrides)
         model = GPT(config, tokenizer=args.tokenizer)
     if args.block_size > model.config.block_size:
         raise ValueError(f"--block-size {args.block_size} is larger than the model's block_size "
@@ -239,25 +279,42 @@ def train(args):
                 for pe, p in zip(ema.parameters(), model.parameters()):
                     pe.lerp_(p, 1.0 - args.ema)
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", T=T)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", T=T)  # nats per token (answer tokens weighted)
         last = step + 1 == end
         if args.eval_interval and ((step + 1) % args.eval_interval == 0 or last):
-            bpb = val_bits_per_byte(ema or model, data, args)
-            acc = retrieval_accuracy(ema or model, data, args.eval_episodes, args.block_size)
-            entry = {"step": step + 1, "val_bpb": round(bpb, 4), **acc, "minutes": round((time.time() - t0) / 60, 2)}
+            nats, bpb = val_loss(ema or model, data, args)
+            acc = {} if not args.episode_ratio else retrieval_accuracy(
+                ema or model, data, args.eval_episodes, args.eval_length or max(lengths))
+            recent = losses[-args.eval_interval:]
+            entry = {"step": step + 1, "train_loss": round(sum(recent) / len(recent), 4), "val_loss": round(nats, 4),
+                     "val_bpb": round(bpb, 4), **acc, "minutes": round((time.time() - t0) / 60, 2)}
             log.append(entry)
             tqdm.write(str(entry))
             save(args.out, model, opt, step + 1, rng, args, log, ema)
     if not args.eval_interval:
         save(args.out, model, opt, end, rng, args, log, ema)
+    print(f"training checkpoint (with optimizer): {os.path.abspath(args.out)}", file=sys.stderr)
     if args.export:
         (ema or model).save_checkpoint(args.export, half=True, train_args=vars(args), log=log,
-                              corpus=None if args.data else corpus_info())
+                                       corpus=None if args.data else corpus_info())
+        print(f"exported fp16 model: {os.path.abspath(args.export)} (GPT.from_pretrained(path))", file=sys.stderr)
     return model, log, losses
+
+
+def train_tokenizer():
+    """Write nanokv/assets/tinybpe.tiktoken from the built-in corpus's training documents."""
+    from nanokv.corpus import builtin_documents, is_val_document
+    from nanokv.tokenizer import TINYBPE_FILE, train_bpe
+
+    ranks = train_bpe([d for d in builtin_documents() if not is_val_document(d)])
+    print(f"wrote {TINYBPE_FILE} ({len(ranks)} tokens)")
 
 
 if __name__ == "__main__":
     try:
+        if "--train-tokenizer" in sys.argv[1:]:
+            train_tokenizer()
+            sys.exit(0)
         train(get_args())
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"train_tiny.py: error: {e}")

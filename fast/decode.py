@@ -136,10 +136,14 @@ def reduce_partials(m_part, l_part, acc_part, scores, out, L, D, S, block_d, wan
         probs_kernel[(BH, triton.cdiv(L, 1024))](scores, mz, L, BLOCK_P=1024)
 
 
+# tokens per inner step at most; the tests lower it to 16 so that short caches span several chunks
+MAX_BLOCK_N = 64
+
+
 def launch_shape(L: int, D: int, chunk: int | None = None, block_n: int | None = None):
     """Block sizes: BLOCK_D covers the head dim, BLOCK_N tokens per step, CHUNK tokens per program."""
     block_d = triton.next_power_of_2(D)
-    block_n = block_n or max(16, min(64, 4096 // block_d))
+    block_n = block_n or max(16, min(MAX_BLOCK_N, 4096 // block_d))
     chunk = chunk or max(block_n, triton.next_power_of_2(max(1, L // 16)))  # about 16 chunks per head
     chunk = math.ceil(chunk / block_n) * block_n
     return chunk, block_n, block_d

@@ -225,9 +225,9 @@ def markdown(info, checks, methods, perf) -> str:
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", default="results/gpu")
-    p.add_argument("--quick", action="store_true")
+    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="results/gpu", help="folder for the figures")
+    p.add_argument("--quick", action="store_true", help="small sizes")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("fast/gpu_bench.py needs a CUDA GPU")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,13 @@ class KVCache:
 
         if not hasattr(config, "n_layer") or not hasattr(config, "n_head"):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        if backend not in BACKENDS:
+            hint = ""
+            if not isinstance(backend, str):
+                name = method if isinstance(method, str) else getattr(method, "name", "method")
+                hint = (f"; the third positional argument is the backend: pass method options by keyword, "
+                        f"e.g. KVCache(config, {name!r}, budget={backend!r})")
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}{hint}")
         if isinstance(method, str):
             if method not in METHODS:
                 raise ValueError(f"unknown method {method!r}; valid methods: {sorted(METHODS)}")
@@ -85,8 +93,6 @@ class KVCache:
             raise TypeError(f"method must be a name or a nanokv.Method, got {type(method).__name__}")
         if not isinstance(grow_by, int) or isinstance(grow_by, bool) or grow_by < 1:
             raise ValueError(f"grow_by must be an int >= 1, got {grow_by!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "triton":
             from fast import require_triton
 
@@ -100,6 +106,7 @@ class KVCache:
         # set track_peak = True to record the most bytes held at any attention call (peak_bytes)
         # and the largest fp32 probability matrix the reference attention built (peak_scores_bytes)
         self.track_peak, self.peak_bytes, self.peak_scores_bytes = False, 0, 0
+        self._owner = None  # weak reference to the model using this cache (see bind)
 
     # ------------------------------------------------------------------ the call the model makes
     @property
@@ -107,7 +114,19 @@ class KVCache:
         """Number of tokens seen so far (kept or not); the position of the next token."""
         return 0 if self.layers is None else self.layers[-1].n_seen
 
+    def bind(self, model):
+        """Tie this cache to the model that first uses it (GPT.forward calls this): its keys and
+        values mean nothing to another model, even one with the same config."""
+        owner = self._owner() if self._owner is not None else None
+        if owner is None:
+            self._owner = weakref.ref(model)
+        elif owner is not model:
+            raise ValueError("this cache holds another model's keys and values (a cache is bound to the model "
+                             "that first used it); build a new KVCache, or call cache.reset() first")
+
     def attend(self, layer_idx: int, q, k, v):
+        if torch.is_grad_enabled():  # the cache never holds an autograd graph (it would grow every step,
+            q, k, v = q.detach(), k.detach(), v.detach()  # and clone() could not copy it); no gradient flows through it
         B, H, T, D = q.shape
         if (H, D) != (self.config.n_head, self.config.n_embd // self.config.n_head):
             raise ValueError(
@@ -323,6 +342,7 @@ class KVCache:
         """Forget everything: the cache becomes as new (same config, method and backend)."""
         self.layers = None
         self.peak_bytes = self.peak_scores_bytes = 0
+        self._owner = None
         self.method.reset()
 
     def __repr__(self):

@@ -1,7 +1,7 @@
 """
 Demo: generate text through a KV cache and print what the cache holds.
 
-    python -m nanokv.demo                                  # the committed tiny model, H2O at 64 tokens
+    python -m nanokv.demo                                  # the committed tiny model, H2O at half the prompt
     python -m nanokv.demo --method streamingllm --budget 32 --new 100
 
 Runs the same prompt through the full cache and through the chosen method, prints both
@@ -20,6 +20,7 @@ import torch
 
 from gpt import GPT, TINY_CHECKPOINT, GPTConfig
 from nanokv import METHODS, KVCache
+from nanokv.eval import parse_budget
 
 DEFAULT_PROMPT = (
     "The \"with\" statement\n******************\n\nThe \"with\" statement is used to wrap the execution "
@@ -28,30 +29,42 @@ DEFAULT_PROMPT = (
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="generate through a compressed KV cache and print its memory")
-    p.add_argument("--model", default=None, help="checkpoint, HF directory or name [nanokv-tiny]")
-    p.add_argument("--method", default="h2o", help=f"one of {sorted(METHODS)} [h2o]")
-    p.add_argument("--budget", type=int, default=64, help="tokens kept per head [64]")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--new", type=int, default=120, help="tokens to generate [120]")
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(description="generate through a compressed KV cache and print its memory",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="nanokv-tiny", help="checkpoint, HF directory or name")
+    p.add_argument("--method", default="h2o", help=f"one of {sorted(METHODS)}")
+    p.add_argument("--budget", default="50%", help="tokens kept per head: a count, or a percentage of the prompt")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue")
+    p.add_argument("--new", type=int, default=120, help="tokens to generate")
+    p.add_argument("--seed", type=int, default=0, help="torch seed")
+    p.add_argument("--gpt2-dir", help="offline GPT-2 tokenizer files for a GPT-2 model (else $NANOKV_GPT2_DIR)")
     args = p.parse_args(argv)
     if args.method not in METHODS:
         p.error(f"unknown method {args.method!r}; valid methods: {sorted(METHODS)}")
+    if not args.prompt:
+        p.error("--prompt is empty: give some text to continue")
+    if args.new < 1:
+        p.error(f"--new must be >= 1, got {args.new}")
+    if args.gpt2_dir:
+        os.environ["NANOKV_GPT2_DIR"] = args.gpt2_dir  # read by nanokv.tokenizer
     torch.manual_seed(args.seed)
-    if args.model is None and not os.path.isfile(TINY_CHECKPOINT):
-        print("(no committed checkpoint found: using a random tiny model)", file=sys.stderr)
-        model = GPT(GPTConfig.preset("tiny")).eval()
-    else:
-        model = GPT.from_pretrained(args.model or "nanokv-tiny")
-    tok = model.tokenizer
+    try:
+        if args.model == "nanokv-tiny" and not os.path.isfile(TINY_CHECKPOINT):
+            print("(no committed checkpoint found: using a random tiny model)", file=sys.stderr)
+            model = GPT(GPTConfig.preset("tiny")).eval()
+        else:
+            model = GPT.from_pretrained(args.model)
+        tok = model.tokenizer
+    except (ValueError, OSError) as e:  # an unknown model, a missing tokenizer offline
+        p.error(str(e))
     idx = torch.tensor([tok.encode(args.prompt)], dtype=torch.long)
     if idx.size(1) + args.new > model.config.block_size:
         p.error(f"prompt ({idx.size(1)} tokens) + --new ({args.new}) exceeds block_size {model.config.block_size}")
     caches = {"full": KVCache(model.config, "full")}
     if args.method != "full":
         try:
-            caches[args.method] = KVCache(model.config, METHODS[args.method].scaled(args.budget))
+            budget = parse_budget(args.budget, idx.size(1))  # relative to the prompt, so the demo compresses
+            caches[args.method] = KVCache(model.config, METHODS[args.method].scaled(budget))
         except (ValueError, TypeError) as e:
             p.error(str(e))
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers x "

@@ -54,13 +54,19 @@ NEEDLE_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 # ---------------------------------------------------------------------- parsing
 def parse_budget(text: str, context: int) -> int:
-    """'64' -> 64 tokens; '5%' -> 5% of the context (at least 1 token)."""
+    """'64' -> 64 tokens; '5%' -> 5% of the context, rounded (at least 1 token). A percentage
+    must be in (0, 100]."""
     try:
         if text.endswith("%"):
-            value = max(1, round(float(text[:-1]) / 100 * context))
+            pct = float(text[:-1])
+            if not 0 < pct <= 100:
+                raise ValueError(f"budget {text!r}: a percentage must be in (0%, 100%]")
+            value = max(1, round(pct / 100 * context))
         else:
             value = int(text)
-    except ValueError:
+    except ValueError as e:
+        if "percentage must be" in str(e):
+            raise
         raise ValueError(f"budget {text!r} is neither a token count nor a percentage like '5%'") from None
     if not 1 <= value <= context:
         raise ValueError(f"budget {text!r} = {value} tokens must be in [1, context={context}]")
@@ -89,6 +95,9 @@ def parse_method(spec: str) -> tuple[str, dict]:
                 kwargs[key.strip()] = ast.literal_eval(value)
             except (ValueError, SyntaxError):
                 kwargs[key.strip()] = value  # a bare word, e.g. inner=h2o
+    if "budget" in kwargs:
+        raise ValueError(f"method spec {spec!r}: the budget comes from --budgets (e.g. --budgets 64,10%), "
+                         "not from the spec")
     return name, kwargs
 
 
@@ -112,7 +121,10 @@ def make_factory(config, name: str, budget: int | None, **kwargs):
     def factory():
         return KVCache(config, cls.scaled(budget, **kwargs) if cls.takes_budget else cls(**kwargs))
 
-    factory()  # fail now, not in the middle of a run, if the parameters do not fit
+    try:
+        factory()  # fail now, not in the middle of a run, if the parameters do not fit
+    except TypeError as e:  # e.g. an unknown keyword: name the method
+        raise ValueError(f"method {name!r} with {kwargs}: {e}") from None
     return factory
 
 
@@ -231,10 +243,14 @@ def run(args) -> tuple[list[dict], list[dict]]:
     from gpt import GPT
 
     torch.manual_seed(args.seed)
+    if getattr(args, "gpt2_dir", None):
+        os.environ["NANOKV_GPT2_DIR"] = args.gpt2_dir  # read by nanokv.tokenizer (a GPT-2 model offline)
     model = GPT.from_pretrained(args.model)
     model.eval()
     context = model.config.block_size
     plan = plan_of(args, context)  # budgets checked against the context before any work
+    for _, name, kwargs, budget in plan:  # and every method built once: a typo fails before any work
+        make_factory(model.config, name, budget, **kwargs)
     text = file_text(args.text, "val") if args.text else builtin_text("val")
     length = context - 1
     wins = windows(model, text, length, args.windows, args.seed)
@@ -313,10 +329,11 @@ def summary_table(rows) -> str:
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="compare KV-cache methods on retrieval, perplexity, attention and memory")
-    p.add_argument("--model", default="nanokv-tiny", help="checkpoint, HF directory or name [nanokv-tiny]")
+    p = argparse.ArgumentParser(description="compare KV-cache methods on retrieval, perplexity, attention and memory",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="nanokv-tiny", help="checkpoint, HF directory or name")
     p.add_argument("--methods", default="full,streamingllm,h2o,tova,scissorhands,snapkv,pyramidkv,adakv,knorm,"
-                   "rtn,kivi,mikv,quantized,cam,d2o,ems")
+                   "rtn,kivi,mikv,quantized,cam,d2o,ems", help="comma-separated method specs, e.g. mikv(bits_lo=3)")
     p.add_argument("--budgets", default="20%", help="tokens or %% of the context, comma-separated")
     p.add_argument("--tasks", default="passkey,lines", help=f"comma-separated from {list(TASKS)}")
     p.add_argument("--protocol", default="agnostic", choices=["agnostic", "aware"], help="retrieval protocol")
@@ -324,11 +341,13 @@ def get_args(argv=None):
                    help="how ppl/attn read the first half of a window")
     p.add_argument("--samples", type=int, default=10, help="episodes per retrieval task (needle: per 5 cells)")
     p.add_argument("--windows", type=int, default=2, help="held-out windows for ppl, attn and persistence")
-    p.add_argument("--text", help="held-out text file (default: the built-in validation split)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/eval")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--text", help="held-out text file: episode filler and ppl windows (default: the built-in "
+                                  "validation split)")
+    p.add_argument("--gpt2-dir", help="offline GPT-2 tokenizer files for a GPT-2 model (else $NANOKV_GPT2_DIR)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the episodes and windows")
+    p.add_argument("--out", default="runs/eval", help="output folder (its earlier summary files are replaced)")
+    p.add_argument("--no-plots", action="store_true", help="write no .png")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     args.methods = split_methods(args.methods)
     args.tasks = [t for t in args.tasks.split(",") if t]
@@ -365,11 +384,24 @@ def write(out: str, args, rows, samples, plots: bool = True) -> list[str]:
     return plot_all(rows, out)
 
 
+OUTPUTS = ("config.json", "samples.jsonl", "summary.json", "summary.md")
+
+
+def clear_outputs(out: str):
+    """Remove what an earlier run wrote to `out`, so that a failed run leaves no stale summary."""
+    if not os.path.isdir(out):
+        return
+    for name in os.listdir(out):
+        if name in OUTPUTS or name.endswith(".png"):
+            os.remove(os.path.join(out, name))
+
+
 def main(argv=None):
     try:
         args = get_args(argv)
+        clear_outputs(args.out)
         rows, samples = run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad arguments; a model or tokenizer not reachable offline
         sys.exit(f"nanokv.eval: error: {e}")
     pngs = write(args.out, args, rows, samples, plots=not args.no_plots)
     print(summary_table(rows))

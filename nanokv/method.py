@@ -22,21 +22,35 @@ token). A complete method can then be a few lines (see nanokv/methods/knorm.py).
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 
 from .ragged import KINDS, Ragged
 
 
-def _check_int(name, value, low, high=None, allow_none=False):
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool):
+def as_int(name, value) -> int:
+    """value as a Python int: ints, numpy integers and 0-d integer tensors are accepted; bools,
+    floats (even 4.0), strings and anything else get a TypeError naming the argument."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:  # e.g. a tensor with more than one element
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+
+
+def _check_int(name, value, low, high=None, allow_none=False):
+    """Validate an integer argument and return it as a Python int (None passes with allow_none)."""
+    if value is None and allow_none:
+        return None
+    value = as_int(name, value)
     if value < low or (high is not None and value > high):
         hi = "" if high is None else f", {high}"
         rng = f"[{low}{hi}]" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be {rng}, got {value}")
+    return value
 
 
 def _check_number(name, value, low, high=None, low_open=False, note=""):
@@ -91,7 +105,7 @@ class Method:
     probs_rows: int | None = None
 
     def __init__(self, budget: int | None = None):
-        _check_int("budget", budget, 1, allow_none=True)
+        budget = _check_int("budget", budget, 1, allow_none=True)
         self.budget = budget
 
     @classmethod
@@ -159,9 +173,9 @@ class ScoredEviction(Method):
     compresses_at = "prefill+decode"
 
     def __init__(self, budget: int, n_sink: int = 0, window: int = 0):
-        _check_int("budget", budget, 1)
-        _check_int("n_sink", n_sink, 0)
-        _check_int("window", window, 0)
+        budget = _check_int("budget", budget, 1)
+        n_sink = _check_int("n_sink", n_sink, 0)
+        window = _check_int("window", window, 0)
         if n_sink + window > budget:
             raise ValueError(
                 f"n_sink + window ({n_sink} + {window}) must be <= budget ({budget}): "

@@ -27,23 +27,48 @@ def _finish(fig, ax, path: str, legend: dict | None = None) -> str:
     return path
 
 
+MARKERS = "os^vDP<>Xph*d"
+BOUNDED = ("passkey", "lines", "needle", "attn")  # values in [0, 1]
+
+
 def budget_plot(rows, task: str, path: str, title: str | None = None) -> str:
-    """One line per method: the task's value against memory as a fraction of the full cache."""
+    """budget_axes, written to `path`."""
+    fig, ax = budget_axes(rows, task, title)
+    return _finish(fig, ax, path, {"fontsize": 7, "ncol": 2})
+
+
+def budget_axes(rows, task: str, title: str | None = None):
+    """One line per method: the task's value against memory as a fraction of the full cache. The
+    full cache is a dashed reference line (it has one point, at memory 1); accuracies and lost mass
+    use the whole [0, 1] axis; each method has its own marker shape, and methods whose points
+    coincide are shifted apart a little sideways (a jitter of a few percent on the log axis), so
+    that no marker hides another."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by_method: dict[str, list] = {}
     for r in rows:
         if r["task"] == task:
             by_method.setdefault(r["method"], []).append((r["mem_fraction_of_full"], r["value"]))
-    for method, pts in by_method.items():
+    full = by_method.pop("full", None)
+    if full:
+        ax.axhline(full[0][1], color="black", linestyle="--", linewidth=1, label=f"full cache ({full[0][1]:.3g})")
+    seen: dict[tuple, int] = {}  # rounded (x, y) -> methods already drawn there
+    for i, (method, pts) in enumerate(by_method.items()):
         pts.sort()
-        style = "o-" if len(pts) > 1 else "s"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=method, markersize=5)
+        xs = []
+        for x, y in pts:
+            key = (round(x, 3), round(y, 3))
+            xs.append(x * 1.04 ** seen.get(key, 0))  # shift the k-th coinciding point by 4% per step
+            seen[key] = seen.get(key, 0) + 1
+        ax.plot(xs, [p[1] for p in pts], "-" if len(pts) > 1 else "", marker=MARKERS[i % len(MARKERS)],
+                label=method, markersize=6, alpha=0.85, markerfacecolor="none" if i % 2 else None)
     ax.set_xscale("log")
     ax.set_xlabel("memory held / full cache (log scale)")
     ax.set_ylabel(YLABEL.get(task, task))
+    if task in BOUNDED:
+        ax.set_ylim(-0.03, 1.03)
     proto = sorted({str(r.get("protocol")) for r in rows if r["task"] == task})
     ax.set_title(title or f"{task} against memory (protocol: {', '.join(proto)})")
-    return _finish(fig, ax, path, {"fontsize": 7, "ncol": 2})
+    return fig, ax
 
 
 def needle_heatmaps(rows, path: str) -> str:

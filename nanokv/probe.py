@@ -52,6 +52,10 @@ class AttentionProbe:
     def config(self):
         return self.cache.config
 
+    def bind(self, model):
+        self.cache.bind(model)
+        self.full.bind(model)
+
     def reserve(self, new_tokens: int):
         self.cache.reserve(new_tokens)
         self.full.reserve(new_tokens)

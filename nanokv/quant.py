@@ -27,9 +27,31 @@ import torch
 BITS = (2, 3, 4, 8)
 
 
-def check_bits(bits: int, name: str = "bits"):
+def check_bits(bits: int, name: str = "bits") -> int:
+    """bits as a Python int in BITS (4.0, True or "4" are refused: a TypeError naming `name`)."""
+    if isinstance(bits, bool) or not hasattr(bits, "__index__"):
+        raise TypeError(f"{name} must be an int, one of {BITS}, got {type(bits).__name__} {bits!r}")
+    bits = int(bits)
     if bits not in BITS:
         raise ValueError(f"{name} must be one of {BITS}, got {bits!r}")
+    return bits
+
+
+def check_group_saves(bits: int, group: int | None, name: str = "group") -> int | None:
+    """A group of `group` values carries an fp16 scale and an fp16 zero: bits + 32 / group bits per
+    value. Refuse groups so small that the codes hold 16 bits per value or more (as much as an
+    fp16 cache, or more: rtn(group=1) would hold 36 bits per value). None passes (chosen later)."""
+    if group is None:
+        return None
+    if isinstance(group, bool) or not hasattr(group, "__index__") or int(group) < 1:
+        raise ValueError(f"{name} must be None or a positive int, got {group!r}")
+    group = int(group)
+    per_value = bits + 32 / group
+    if per_value >= 16:
+        raise ValueError(f"{name}={group} at {bits} bits stores {per_value:g} bits per value (codes + an fp16 "
+                         f"scale and zero per group), no less than an fp16 cache; use {name} >= "
+                         f"{math.floor(32 / (16 - bits)) + 1}")
+    return group
 
 
 def check_group(size: int, group: int, what: str = "head_dim"):

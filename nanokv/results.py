@@ -179,11 +179,11 @@ def write_results(path: str, out: str, res, seconds: float, quick: bool):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="regenerate RESULTS.md and its plots")
-    p.add_argument("--out", default="results", help="folder for the runs and plots [results]")
-    p.add_argument("--md", default="RESULTS.md")
+    p = argparse.ArgumentParser(description="regenerate RESULTS.md and its plots", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="results", help="folder for the runs and plots")
+    p.add_argument("--md", default="RESULTS.md", help="the page to write")
     p.add_argument("--quick", action="store_true", help="small samples: minutes, not a result")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="seed of the episodes and windows")
     p.add_argument("--from-saved", type=float, metavar="MINUTES",
                    help="rewrite RESULTS.md from the summaries already in --out (MINUTES: the recorded run time)")
     args = p.parse_args(argv)

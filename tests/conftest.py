@@ -39,6 +39,18 @@ def peaked_model(seed=0, n_layer=2, n_head=4, n_embd=64, block_size=256, qk_gain
 
 
 @pytest.fixture
+def small_chunks(monkeypatch):
+    """Decode kernels in 16-token chunks, so the short caches of the tests span several programs
+    (split-K partials and their reduction are exercised, not one chunk per head)."""
+    import fast.decode
+
+    monkeypatch.setattr(fast.decode, "MAX_BLOCK_N", 16)
+    chunk, _, _ = fast.decode.launch_shape(40, 16)
+    assert chunk == 16  # a 40-token cache is 3 chunks
+    return 16
+
+
+@pytest.fixture
 def model():
     return peaked_model()
 

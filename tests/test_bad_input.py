@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_tiny
-from gpt import GPT, GPTConfig
+from gpt import GPT, GPTConfig, state_digest
 from nanokv import METHODS, KVCache, Method
 from nanokv import eval as nkeval
 from nanokv.episodes import lines_episode, make_episode, passkey_episode
@@ -50,8 +50,59 @@ def edited_checkpoint(edit):
     peaked_model().save_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)
     edit(ckpt["model"])
+    ckpt["digest"] = state_digest(ckpt["model"])  # a consistent file: the key checks are what is tested
     torch.save(ckpt, path)
     return lambda: GPT.from_pretrained(path)
+
+
+def damaged_checkpoint():
+    """A checkpoint whose weights changed after saving (bytes flipped on disk): the digest refuses it."""
+    path = os.path.join(tmpdir(), "m.pt")
+    peaked_model().save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"]["transformer.h.0.mlp.c_fc.weight"].view(torch.int32)[0, 0] ^= 1 << 30
+    torch.save(ckpt, path)
+    return GPT.from_pretrained(path)
+
+
+def nan_weight(where):
+    m = peaked_model()
+    with torch.no_grad():
+        m.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    if where == "checkpoint":
+        path = os.path.join(tmpdir(), "m.pt")
+        m.save_checkpoint(path)
+        return GPT.from_pretrained(path)
+    return m.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0)
+
+
+def grad_cache_clone():
+    """Outside no_grad the cache stores detached tensors: clone works, the logits' graph stays local."""
+    m = peaked_model()
+    cache = KVCache(m.config, "h2o", budget=8)
+    for t in range(12):
+        logits, _ = m(torch.full((1, 1), t, dtype=torch.long), cache=cache)
+    assert not any(f.requires_grad for layer in cache.layers for f in layer.fields.values())
+    cache.clone()
+    raise ValueError("clone ok")  # the catalogue expects an error; this one marks success
+
+
+def another_model():
+    a, b = peaked_model(seed=0), peaked_model(seed=1)  # same config, different weights
+    cache = KVCache(a.config, "full")
+    a(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+    b(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+
+
+def eval_leaves_no_stale_summary():
+    out = tmpdir()
+    for name in ("summary.json", "summary.md", "passkey.png"):
+        open(os.path.join(out, name), "w").close()
+    try:
+        nkeval.main(["--model", "nanokv-tiny", "--methods", "h2o,h2o(recnt=3)", "--out", out])
+    except SystemExit as e:
+        left = sorted(os.listdir(out))
+        raise SystemExit(f"{e.code} | left: {left}") from None
 
 
 def file_with(data: bytes, name="f.pt"):
@@ -223,7 +274,7 @@ CASES = [
         *started(model=peaked_model(block_size=32), batch=1, n=30)), E, r"positions 30..32\) is past the model's block_size"),
     ("generate past block size", lambda: peaked_model(block_size=32).generate(torch.zeros(1, 30, dtype=torch.long), 5), E,
      r"past block_size 32"),
-    ("idx not a (B, T) int tensor", lambda: peaked_model()(torch.zeros(4)), TypeError, r"idx must be a \(B, T\) integer"),
+    ("idx not a (B, T) int tensor", lambda: peaked_model()(torch.zeros(4)), TypeError, r"idx must hold integer token ids"),
     ("idx empty", lambda: peaked_model()(torch.zeros(1, 0, dtype=torch.long)), E, r"at least one token"),
     ("max_new_tokens negative", lambda: peaked_model().generate(torch.zeros(1, 2, dtype=torch.long), -1), E, r"max_new_tokens"),
     ("temperature negative", lambda: peaked_model().generate(torch.zeros(1, 2, dtype=torch.long), 1, temperature=-1), E,
@@ -286,13 +337,69 @@ CASES = [
      r"--lines-share must be in \[0, 1\]"),
     ("train repeat ratio 2", lambda: train_tiny.get_args(TINY_ARGS + ["--repeat-ratio", "2"]), E, r"--repeat-ratio must be in"),
     ("train curriculum past block size", lambda: train_tiny.get_args(TINY_ARGS + ["--curriculum", "256"]), E,
-     r"--curriculum lengths must be in \[96, --block-size=128\]"),
+     r"--curriculum lengths must be in \[8, --block-size=128\]"),
     ("train steps 0", lambda: train_tiny.get_args(TINY_ARGS + ["--steps", "0"]), E, r"--steps and --batch-size must be >= 1"),
     ("train ema 1", lambda: train_tiny.get_args(TINY_ARGS + ["--ema", "1"]), E, r"--ema must be in \[0, 1\)"),
     ("train missing data file", train_with(["--data", os.path.join(tempfile.gettempdir(), "nanokv-none.txt")]),
      FileNotFoundError, r"does not exist"),
     ("train empty data file", lambda: train_with(["--data", file_with(b"", "empty.txt")])(), E, r"empty or too short"),
     ("train block size past the resumed model's", resume_bigger, E, r"larger than the model's block_size 128"),
+    # ---------------------------------------------------------------- a new user's first hour (issue 18)
+    ("hf tie_word_embeddings false", lambda: hf_dir(HF_CONFIG[:-1] + ', "tie_word_embeddings": false}'), E,
+     r"unsupported GPT-2 config: tie_word_embeddings=False"),
+    ("hf scale_attn_weights false", lambda: hf_dir(HF_CONFIG[:-1] + ', "scale_attn_weights": false}'), E,
+     r"scale_attn_weights=False"),
+    ("hf scale by inverse layer idx", lambda: hf_dir(HF_CONFIG[:-1] + ', "scale_attn_by_inverse_layer_idx": true}'), E,
+     r"scale_attn_by_inverse_layer_idx=True"),
+    ("hf reorder and upcast", lambda: hf_dir(HF_CONFIG[:-1] + ', "reorder_and_upcast_attn": true}'), E,
+     r"reorder_and_upcast_attn=True"),
+    ("hf n_inner", lambda: hf_dir(HF_CONFIG[:-1] + ', "n_inner": 100}'), E, r"n_inner=100 \(nanokv's MLP is 4 \* n_embd = 256"),
+    ("hf exact gelu", lambda: hf_dir(HF_CONFIG[:-1] + ', "activation_function": "gelu"}'), E,
+     r"activation_function='gelu'"),
+    ("hf cross attention", lambda: hf_dir(HF_CONFIG[:-1] + ', "add_cross_attention": true}'), E, r"add_cross_attention=True"),
+    ("hf another architecture", lambda: hf_dir(HF_CONFIG[:-1] + ', "model_type": "llama"}'), E, r"'llama' model; .* GPT-2 only"),
+    ("hf vocabulary without a nanokv tokenizer", lambda: GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16,
+     vocab_size=1000)).tokenizer, E, r"no nanokv tokenizer matches this model's vocabulary of 1000"),
+    ("damaged checkpoint", damaged_checkpoint, E, r"is damaged: its weights do not match the SHA-256 digest"),
+    ("checkpoint with a NaN weight", lambda: nan_weight("checkpoint"), E, r"holds NaN or inf weights in \['transformer.h.0.mlp.c_fc.weight'\]"),
+    ("generate from a NaN weight", lambda: nan_weight("model"), FloatingPointError, r"non-finite logits at generation step 0"),
+    ("eval budget 0%", lambda: nkeval.parse_budget("0%", 512), E, r"budget '0%': a percentage must be in \(0%, 100%\]"),
+    ("eval budget -5%", lambda: nkeval.parse_budget("-5%", 512), E, r"budget '-5%': a percentage must be in"),
+    ("eval budget 150%", lambda: nkeval.parse_budget("150%", 512), E, r"a percentage must be in"),
+    ("eval budget inside a spec", lambda: nkeval.parse_method("h2o(budget=64)"), E, r"the budget comes from --budgets"),
+    ("eval second method misspelt: nothing run, no stale summary", eval_leaves_no_stale_summary, SystemExit,
+     r"method 'h2o' with \{'recnt': 3\}: .*unexpected keyword.* \| left: \[\]"),
+    ("rtn group 1 holds more than fp16", method("rtn", bits=4, group=1), E,
+     r"group=1 at 4 bits stores 36 bits per value .* use group >= 3"),
+    ("kivi group 2 at 8 bits", method("kivi", bits=8, group=2, residual=8), E, r"group=2 at 8 bits stores 24 bits per value"),
+    ("quantized group 1", method("quantized", inner="h2o", budget=8, group=1), E, r"group=1 at 4 bits"),
+    ("mikv group 2 at 2 bits", method("mikv", bits_lo=2, group=2), E, r"group=2 at 2 bits stores 18 bits per value"),
+    ("rtn bits 4.0", method("rtn", bits=4.0), TypeError, r"bits must be an int, one of \(2, 3, 4, 8\), got float 4.0"),
+    ("mikv bits_lo True", method("mikv", bits_lo=True), TypeError, r"bits_lo must be an int"),
+    ("budget a float", method("h2o", budget=64.0), TypeError, r"budget must be an int, got float 64.0"),
+    ("budget a 1-element list", method("h2o", budget=[64]), TypeError, r"budget must be an int, got list"),
+    ("quantized without a budget", method("quantized"), TypeError,
+     r"quantized\(inner='scissorhands'\) needs budget=N"),
+    ("budget given as the backend", lambda: KVCache(peaked_model().config, "h2o", 64), E,
+     r"backend must be one of \('torch', 'triton'\), got 64; .* KVCache\(config, 'h2o', budget=64\)"),
+    ("cache used by another model", another_model, E, r"this cache holds another model's keys and values"),
+    ("cache outside no_grad holds no graph and clones", grad_cache_clone, E, r"^clone ok$"),
+    ("1-D prompt", lambda: peaked_model().generate(torch.zeros(5, dtype=torch.long), 2), E,
+     r"idx must be 2-D \(B, T\), got shape \(5,\) \(one sequence: idx\[None\]\)"),
+    ("list prompt", lambda: peaked_model().generate([[1, 2, 3]], 2), TypeError,
+     r"idx must be a \(B, T\) tensor of token ids, e.g. torch.tensor\(\[ids\]\); got list"),
+    ("float prompt", lambda: peaked_model()(torch.zeros(1, 3)), TypeError, r"idx must hold integer token ids"),
+    ("token id past the vocabulary", lambda: peaked_model()(torch.tensor([[1, 256]])), E,
+     r"token ids must be in \[0, 256\) \(the vocabulary\), got ids from 1 to 256"),
+    ("negative token id", lambda: peaked_model().generate(torch.tensor([[-1, 3]]), 2), E, r"got ids from -1 to 3"),
+    ("max_new_tokens 2.5", lambda: peaked_model().generate(torch.zeros(1, 3, dtype=torch.long), 2.5), TypeError,
+     r"max_new_tokens must be an int, got float 2.5"),
+    ("train data is a directory", lambda: train_tiny.get_args(TINY_ARGS + ["--data", tmpdir()]), E,
+     r"--data .* is a directory; pass one text file"),
+    ("train on cuda without cuda", lambda: train_tiny.get_args(TINY_ARGS + ["--device", "cuda"]), E,
+     r"--device cuda: CUDA is not available here"),
+    ("train curriculum below episodes' minimum", train_with(["--curriculum", "32"]), E,
+     r"--curriculum lengths \[32\] are too short for a retrieval episode with the byte tokenizer \(at least \d+ tokens\)"),
 ]
 
 
@@ -305,3 +412,20 @@ def test_bad_input_gives_a_named_error(thunk, error, pattern):
 def test_the_catalogue_is_large_and_unique():
     names = [c[0] for c in CASES]
     assert len(names) == len(set(names)) and len(names) >= 40, len(names)
+
+
+def test_integral_numpy_and_tensor_arguments_are_accepted():
+    """budget=np.int64(64) or a 0-d integer tensor (what a numpy or torch computation yields) is an
+    int; floats are not (their rows are in the catalogue above)."""
+    import numpy as np
+
+    m = peaked_model()
+    for budget in (np.int64(16), np.int32(16), torch.tensor(16)):
+        method = METHODS["h2o"](budget=budget)
+        assert type(method.budget) is int and method.budget == 16
+        cache = KVCache(m.config, method)
+        with torch.no_grad():
+            m(torch.zeros(1, 20, dtype=torch.long), cache=cache)
+        assert (cache.lengths(0) == 16).all()
+    assert METHODS["rtn"](bits=np.int64(4)).bits == 4
+    assert m.generate(torch.zeros(1, 3, dtype=torch.long), np.int64(2), temperature=0).shape == (1, 5)

@@ -2,12 +2,13 @@
 at a budget that keeps everything every method's perplexity equals the full cache's."""
 
 import json
+import math
 
 import pytest
 import torch
 
 from gpt import GPT, GPTConfig
-from nanokv import METHODS, eval as nkeval
+from nanokv import METHODS, KVCache, eval as nkeval
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,76 @@ def test_full_budget_perplexity_and_attention_equal_full_cache(ckpt, protocol):
             assert loss["lost_mass"] == 0.0 and loss["rel_error"] == 0.0, name
 
 
+def independent_ppl(model, wins):
+    """exp(mean cross-entropy) of the windows' second halves from one uncached forward each:
+    no cache, no read loop. A window holds length + 1 tokens; the targets are tokens
+    half..length (half = length // 2), predicted by the logits at positions half-1..length-1."""
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for w in wins:
+            length = w.numel() - 1
+            half = length // 2
+            logits, _ = model(w[None, :-1])
+            ce = torch.nn.functional.cross_entropy(logits[0, half - 1:].double(), w[half:], reduction="sum")
+            nll, n = nll + float(ce), n + length + 1 - half
+    return math.exp(nll / n)
+
+
+@pytest.mark.parametrize("protocol", ["stream", "prefill"])
+def test_perplexity_equals_uncached_cross_entropy(protocol):
+    """The perplexity RESULTS.md publishes (read_window through a full cache, token by token)
+    equals exp(mean cross-entropy) of a plain forward pass, on the trained tiny model, where a
+    target shifted by one token would change it by far more than the tolerance."""
+    from nanokv.corpus import builtin_text
+
+    model = GPT.from_pretrained("nanokv-tiny")
+    text = builtin_text("val")[:20000]
+    wins = nkeval.windows(model, text, 96, 3, 0)
+    got = nkeval.perplexity(model, nkeval.make_factory(model.config, "full", None), text, 96, 3, 0, protocol)
+    want = independent_ppl(model, wins)
+    print(f"{protocol}: perplexity {got:.6f}, uncached {want:.6f}, rel diff {abs(got / want - 1):.2g}")
+    assert abs(got / want - 1) < 1e-4
+    assert want < 8  # a trained model: a misaligned target would cost a factor, not a rounding
+
+
+def layer0_attention(model, ids):
+    """(H, T, T) float64 causal attention of layer 0, computed from the weights directly (its
+    inputs are the embeddings, whatever cache later layers run on)."""
+    tr = model.transformer
+    with torch.no_grad():
+        T = ids.numel()
+        x = tr.wte(ids) + tr.wpe.weight[:T]
+        q, k, _ = tr.h[0].attn.c_attn(tr.h[0].ln_1(x)).double().split(model.config.n_embd, dim=-1)
+        H = model.config.n_head
+        q, k = (t.view(T, H, -1).transpose(0, 1) for t in (q, k))  # (H, T, D)
+        att = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        return torch.softmax(att, -1)
+
+
+def test_lost_attention_mass_is_the_sum_over_evicted_positions(ckpt):
+    """Layer 0's lost mass under StreamingLLM against an explicit sum: before query t's call the
+    cache holds the sinks 0..s-1 and the newest b-s positions, so the lost mass of query t is
+    sum over s <= j < t-(b-s) of a_t[j], averaged over heads, then over queries and windows."""
+    from nanokv.methods.streamingllm import StreamingLLM
+
+    model = GPT.from_pretrained(ckpt)
+    text = "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 20
+    wins = nkeval.windows(model, text, 64, 2, 0)
+    budget, n_sink = 12, 2
+    factory = lambda: KVCache(model.config, StreamingLLM(budget, n_sink=n_sink))  # noqa: E731
+    got = nkeval.attention_loss(model, factory, wins, "stream")["lost_mass_per_layer"][0]
+    per_window = []
+    for w in wins:
+        a = layer0_attention(model, w[:-1])  # (H, T, T)
+        evicted_end = [max(n_sink, t - (budget - n_sink)) for t in range(a.size(1))]  # evicted: n_sink..end-1
+        lost = [float(a[:, t, n_sink:evicted_end[t]].sum(-1).mean()) for t in range(1, a.size(1))]
+        per_window.append(sum(lost) / len(lost))
+    want = sum(per_window) / len(per_window)
+    print(f"layer 0 lost mass {got:.6f}, explicit sum {want:.6f}")
+    assert want > 0.05 and abs(got - want) < 1e-6
+
+
 def test_attention_loss_is_a_probability_mass(ckpt):
     model = GPT.from_pretrained(ckpt)
     text = "The quick brown fox jumps over the lazy dog. " * 40
@@ -127,3 +198,26 @@ def test_results_page_from_the_committed_summaries(tmp_path):
     results.write_results(str(md), root, res, 60.0, quick=False)
     text = md.read_text()
     assert text.startswith("# Results") and "| method | budget | task |" in text
+
+
+def test_budget_plot_axes_reference_line_and_no_hidden_markers():
+    """Accuracy axes span [0, 1]; the full cache is a horizontal reference line; two methods with
+    the same (memory, accuracy) point are drawn apart."""
+    import matplotlib.pyplot as plt
+
+    from nanokv.plots import budget_axes
+
+    rows = [{"task": "passkey", "method": "full", "mem_fraction_of_full": 1.0, "value": 0.9},
+            {"task": "passkey", "method": "h2o", "mem_fraction_of_full": 0.25, "value": 0.5},
+            {"task": "passkey", "method": "tova", "mem_fraction_of_full": 0.25, "value": 0.5},
+            {"task": "passkey", "method": "h2o", "mem_fraction_of_full": 0.5, "value": 0.7}]
+    fig, ax = budget_axes(rows, "passkey")
+    lo, hi = ax.get_ylim()
+    assert lo <= 0.0 and hi >= 1.0
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    ref = lines["full cache (0.9)"]
+    assert list(ref.get_ydata()) == [0.9, 0.9] and ref.get_linestyle() == "--"
+    h2o_x, tova_x = lines["h2o"].get_xdata()[0], lines["tova"].get_xdata()[0]
+    assert h2o_x != tova_x and abs(tova_x / h2o_x - 1) < 0.1  # apart, but still near 0.25
+    assert lines["h2o"].get_marker() != lines["tova"].get_marker()
+    plt.close(fig)

@@ -135,7 +135,7 @@ def test_kept_sets_match_independent_simulation(name):
     if name == "snapkv":
         params["select"] = snap_select(lambda layer: kw["budget"], kw["window"])
     if name == "pyramidkv":
-        budgets = pyramid_budgets(kw["budget"], kw["window"], model.config.n_layer, kw["beta"])
+        budgets = pyramid_budgets(kw["budget"], kw["window"], model.config.n_layer, kw["beta"], N_PROMPT)
         params["select"] = snap_select(lambda layer: budgets[layer], kw["window"])
     for (layer, b, h) in kept[0]:
         expect = simulate(name, params, calls, layer, b, h, model.config.n_layer)
@@ -199,7 +199,7 @@ def test_budget_holds_and_positions_aligned(name):
             model(idx[:, t:t + 1], cache=cache)
             for layer in range(2):
                 lens = cache.lengths(layer)
-                limit = (cache.method.layer_budget(layer) if grows else budget) + (t - 39 if grows else 0)
+                limit = (cache.method.layer_budget(layer, 40) if grows else budget) + (t - 39 if grows else 0)
                 if name == "adakv":
                     assert lens.sum(-1).tolist() == [4 * limit] * BATCH
                 else:
@@ -235,6 +235,26 @@ def test_pyramid_budgets_mean_and_order():
         assert sum(b) == n_layer * budget
         assert b == sorted(b, reverse=True) and min(b) >= w
     assert pyramid_budgets(64, 8, 1, 20) == [64]
+
+
+def test_pyramid_budgets_follow_the_official_prompt_rules():
+    """Budget 64, window 16, 4 layers (past = 48): a prompt shorter than 2 * past = 96 gets SnapKV's
+    uniform budget everywhere (the official code's fallback: 256 tokens per head over the layers,
+    where capping alone gave [70, 70, 49, 18] = 207); a prompt just above it caps the bottom layer at
+    the prompt and moves the rest up; a long prompt gets the full slope. Always n_layer * budget."""
+    assert pyramid_budgets(64, 16, 4, 20, prompt_len=70) == [64, 64, 64, 64]
+    capped = pyramid_budgets(64, 16, 4, 20, prompt_len=100)  # hi = 100 - 16 = 84, lo = 12
+    assert capped == [100, 76, 52, 28] and sum(capped) == 256
+    assert pyramid_budgets(64, 16, 4, 20) == pyramid_budgets(64, 16, 4, 20, prompt_len=4096) == [110, 79, 49, 18]
+    for L in range(96, 400, 7):
+        b = pyramid_budgets(64, 16, 4, 20, prompt_len=L)
+        assert sum(b) == 256 and b[0] <= L and b == sorted(b, reverse=True) and min(b) >= 16, (L, b)
+    # end to end: a 70-token prompt keeps 64 tokens per head in every layer
+    model = peaked_model(n_layer=4)
+    cache = KVCache(model.config, "pyramidkv", budget=64, window=16)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 70), generator=torch.Generator().manual_seed(0)), cache=cache)
+    assert [int(cache.lengths(i).max()) for i in range(4)] == [64, 64, 64, 64]
 
 
 def test_h2o_accumulates_in_fp32_and_counts_state():

@@ -31,7 +31,10 @@ def run(model, cache, idx, each_step=None):
 def setup():
     m = peaked_model()
     idx = torch.randint(0, 256, (2, N_TOTAL), generator=torch.Generator().manual_seed(11))
-    return m, idx, run(m, KVCache(m.config), idx)
+    ref = run(m, KVCache(m.config), idx)
+    with torch.no_grad():  # the full cache itself against a forward pass with no cache
+        assert (ref - m(idx)[0]).abs().max() < 1e-5
+    return m, idx, ref
 
 
 @pytest.mark.parametrize("method", [

@@ -65,13 +65,29 @@ def test_export_is_half_and_loads(tmp_path):
     assert torch.allclose(loaded.transformer.wte.weight, model.transformer.wte.weight, atol=1e-3)
 
 
-def test_trains_on_a_text_file(tmp_path):
+def test_trains_on_a_text_file(tmp_path, capsys):
+    """--data FILE: the model is trained on that file's first 90% (validated on the rest), with
+    no synthetic rows unless asked for, and the run says where the checkpoint went."""
+    lines = [f"First Citizen {i}: Before we proceed any further, hear me speak.\n" for i in range(300)]
+    text = "".join(lines)
     path = tmp_path / "shakespeare.txt"
-    path.write_text("First Citizen: Before we proceed any further, hear me speak.\n" * 200)
+    path.write_text(text)
     args = train_tiny.get_args(TINY_ARGS + ["--data", str(path), "--steps", "2", "--eval-interval", "0",
                                             "--out", str(tmp_path / "t.pt")])
+    assert args.episode_ratio == 0.0 and args.repeat_ratio == 0.0
+    data = train_tiny.Data(args)
+    cut = int(len(text) * 0.9)
+    assert data.tok.decode(data.train) == text[:cut] and data.tok.decode(data.val) == text[cut:]
+    x, y, w = data.batch(random.Random(0), args, 64)
+    for row in torch.cat([x, y[:, -1:]], 1).tolist():  # every row is a slice of the file: no episode
+        assert data.tok.decode(row) in text[:cut]
+    assert torch.equal(x[:, 1:], y[:, :-1]) and (w == 1).all()
     train_tiny.train(args)
     assert torch.load(tmp_path / "t.pt", weights_only=True)["corpus"] is None
+    assert str(tmp_path / "t.pt") in capsys.readouterr().err
+    # episodes can still be asked for on a file
+    args = train_tiny.get_args(TINY_ARGS + ["--data", str(path), "--episode-ratio", "0.5"])
+    assert args.episode_ratio == 0.5 and args.repeat_ratio == 0.0
 
 
 # ----------------------------------------------------------------------------- episodes
@@ -127,11 +143,24 @@ def test_lines_depth_picks_the_line(ingredients):
 
 
 def test_corpus_split_is_deterministic_and_disjoint():
+    """A document goes to validation iff the first byte of its SHA-1 is below 25 (10% of 256),
+    recomputed here from the documents; no document is on both sides; a second build (cache
+    cleared) gives the same text."""
+    import hashlib
+
+    from nanokv import corpus
+
     train, val = builtin_text("train"), builtin_text("val")
-    assert len(train) > 500_000 and len(val) > 50_000
-    val_docs = set(val.split("\n\n\n"))
-    assert corpus_info()["python"]
-    assert not any(d in train for d in list(val_docs)[:5] if len(d) > 2000)
+    assert len(train) > 500_000 and len(val) > 50_000 and corpus_info()["python"]
+    docs = corpus.builtin_documents()
+    is_val = [hashlib.sha1(d.encode("utf-8")).digest()[0] < 25 for d in docs]
+    assert val == "\n\n".join(d for d, v in zip(docs, is_val) if v)
+    assert train == "\n\n".join(d for d, v in zip(docs, is_val) if not v)
+    assert 0.05 < sum(is_val) / len(docs) < 0.15
+    assert not {d for d, v in zip(docs, is_val) if v} & {d for d, v in zip(docs, is_val) if not v}
+    corpus.builtin_documents.cache_clear()
+    corpus.builtin_text.cache_clear()
+    assert builtin_text("val") == val and builtin_text("train") == train
 
 
 # ----------------------------------------------------------------------------- the committed model
@@ -146,3 +175,27 @@ def test_committed_checkpoint_retrieves_passkeys():
     acc = exact_match(model, eps)
     print(f"passkey exact match on 20 held-out episodes: {acc:.2f}")
     assert acc >= 0.9
+
+
+def test_small_block_sizes_train(tmp_path):
+    """Block sizes below 96 train when the lengths allow: 64 with episodes and the tinybpe
+    tokenizer (an episode needs {min_episode_length} tokens), 32 on a text file without episodes;
+    a curriculum too short for the tokenizer's episodes gets a clear error before any step."""
+    from nanokv.episodes import min_episode_length
+
+    need = min_episode_length(get_tokenizer("tinybpe"))
+    assert need <= 64 < min_episode_length(get_tokenizer("byte"))
+    args = train_tiny.get_args(["--preset", "nano", "--block-size", "64", "--curriculum", "64", "--batch-size", "2",
+                                "--steps", "2", "--eval-interval", "0", "--threads", "1", "--tokenizer", "tinybpe",
+                                "--out", str(tmp_path / "a.pt")])
+    train_tiny.train(args)
+    args = train_tiny.get_args(["--preset", "nano", "--block-size", "64", "--batch-size", "2", "--steps", "2",
+                                "--threads", "1", "--out", str(tmp_path / "a.pt")])
+    with pytest.raises(ValueError, match=r"too short for a retrieval episode with the byte tokenizer"):
+        train_tiny.train(args)
+    path = tmp_path / "t.txt"
+    path.write_text("to be or not to be, that is the question. " * 100)
+    args = train_tiny.get_args(["--preset", "nano", "--block-size", "32", "--batch-size", "2", "--steps", "2",
+                                "--eval-interval", "1", "--threads", "1", "--data", str(path), "--out", str(tmp_path / "b.pt")])
+    _, log, _ = train_tiny.train(args)
+    assert {"train_loss", "val_loss", "val_bpb"} <= set(log[-1]) and "passkey" not in log[-1]

@@ -12,9 +12,16 @@ safeguard gives each head at least floor(alpha * b') of its own best tokens [alp
 So the head budgets sum to exactly H * budget per layer (per batch row) and each is at least
 floor(alpha * b') + window. Global ties go to the more recent token, then the lower head.
 
-Choices: the official code counts each head's share of the global top-k and rescales it as
-n_h * (1 - alpha) + alpha * b', which sums to H * b' only up to rounding; we take kvpress's
-reading (force each head's top alpha * b', fill the rest globally), which is exact.
+The safeguard, as each implementation has it:
+  - official code (FFY0/AdaKV): counts head h's share n_h of the global top H * b' past entries,
+    then keeps round(n_h * (1 - alpha) + int(alpha * b')) past tokens plus the window; the floor
+    is over past tokens, and the head budgets sum to H * b' only up to rounding;
+  - kvpress (AdaKVPress): forces each head's top int(alpha * n_kept) entries, where n_kept counts
+    the window too and the window already scores highest, so the window fills the floor first (a
+    window of alpha * n_kept tokens or more leaves no floor for past tokens); exact totals;
+  - here: each head's top floor(alpha * b') past tokens are forced (the official code's floor,
+    over past tokens, window not counted), the rest of the H * b' past entries are filled
+    globally (kvpress's forcing, so the totals are exact).
 Storage: the heads really hold different numbers of tokens (nanokv/ragged.py: flat per-head
 entries, no padding allocated).
 """

@@ -57,9 +57,9 @@ class EMS(Method):
                  key_merge: str = "mean", head_budgets: str = "uniform", alpha: float = 0.2,
                  interval: int = 1, nonneg_cos: bool = True):
         super().__init__(budget)
-        _check_int("budget", budget, 1)
-        _check_int("window", window, 1)
-        _check_int("interval", interval, 1)
+        budget = _check_int("budget", budget, 1)
+        window = _check_int("window", window, 1)
+        interval = _check_int("interval", interval, 1)
         if window >= budget:
             raise ValueError(f"window ({window}) must be < budget ({budget}): no room for class centers")
         _check_number("mass", mass, 0, 1, low_open=True)

@@ -23,7 +23,7 @@ class H2O(ScoredEviction):
     name = "h2o"
 
     def __init__(self, budget: int, recent: int | None = None, n_sink: int = 0):
-        _check_int("budget", budget, 1)
+        budget = _check_int("budget", budget, 1)
         recent = budget // 2 if recent is None else recent
         super().__init__(budget, n_sink=n_sink, window=recent)
         self.recent = recent

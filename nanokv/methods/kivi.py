@@ -30,7 +30,7 @@ the Triton backend hands its packed codes to kernel 2 instead (fast/decode_quant
 import torch
 
 from ..method import Method
-from ..quant import check_bits, check_group, dequantize_packed, packed_bytes
+from ..quant import check_bits, check_group, check_group_saves, dequantize_packed, packed_bytes
 from ..ragged import Ragged
 
 
@@ -43,10 +43,11 @@ class KIVI(Method):
 
     def __init__(self, bits: int = 2, group: int | None = None, residual: int = 128):
         super().__init__(budget=None)
-        check_bits(bits)
-        for name, value in (("group", group), ("residual", residual)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        bits = check_bits(bits)
+        group = check_group_saves(bits, group)
+        if isinstance(residual, bool) or not hasattr(residual, "__index__") or int(residual) < 1:
+            raise ValueError(f"residual must be a positive int, got {residual!r}")
+        residual = int(residual)
         if group is not None and residual % group != 0:
             raise ValueError(f"residual ({residual}) must be a multiple of group ({group})")
         self.bits, self.group, self.residual = bits, group, residual

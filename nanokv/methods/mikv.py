@@ -34,7 +34,7 @@ import math
 import torch
 
 from ..method import LowBitPart, Method, _check_int, _check_number, store_part, top_k_mask
-from ..quant import check_bits, check_group
+from ..quant import check_bits, check_group, check_group_saves
 from ..ragged import Ragged
 
 
@@ -50,16 +50,20 @@ class MiKV(Method):
         super().__init__(budget=None)
         _check_number("rho", rho, 0, 1, low_open=True)
         if bits_lo is not None:
-            check_bits(bits_lo, "bits_lo")
+            bits_lo = check_bits(bits_lo, "bits_lo")
+        if bits_hi is not None:
+            bits_hi = check_bits(bits_hi, "bits_hi")
         if bits_hi is not None and bits_hi not in (4, 8):
             raise ValueError(f"bits_hi must be None (the model dtype), 8 or 4, got {bits_hi!r}")
         if bits_hi is not None and (bits_lo is None or bits_lo >= bits_hi):  # demotion must lower precision
             raise ValueError(f"bits_lo ({bits_lo}) must be below bits_hi ({bits_hi}): demotion lowers precision "
                              "(None = the model dtype, the highest)")
         if group is not None:
-            _check_int("group", group, 1)
+            group = _check_int("group", group, 1)
+            if bits_lo is not None:
+                group = check_group_saves(bits_lo, group)
         _check_number("recent", recent, 0, 1)
-        _check_int("calibrate", calibrate, 1)
+        calibrate = _check_int("calibrate", calibrate, 1)
         self.rho, self.bits_lo, self.bits_hi, self.group = float(rho), bits_lo, bits_hi, group
         self.balancer, self.recent, self.calibrate = bool(balancer), float(recent), calibrate
         self.scales: dict[int, torch.Tensor] = {}  # layer -> balance factors (B, H, 1, D)

@@ -19,7 +19,7 @@ position + the wrapped method's state.
 import torch
 
 from ..method import LowBitPart, Method, store_part
-from ..quant import check_bits, check_group
+from ..quant import check_bits, check_group, check_group_saves
 
 
 class Quantized(Method):
@@ -32,14 +32,16 @@ class Quantized(Method):
         if isinstance(inner, str):
             if inner not in METHODS or inner == self.name:
                 raise ValueError(f"unknown method {inner!r}; valid methods: {sorted(set(METHODS) - {self.name})}")
+            if METHODS[inner].takes_budget and "budget" not in inner_kwargs:
+                raise TypeError(f"quantized(inner={inner!r}) needs budget=N (tokens per head kept by {inner!r}), "
+                                f"e.g. METHODS['quantized'](inner={inner!r}, budget=64)")
             method = METHODS[inner](**inner_kwargs)
         elif inner_kwargs or not isinstance(inner, Method):
             raise TypeError("inner must be a method name (with its keyword arguments) or a Method instance")
         else:
             method = inner
-        check_bits(bits)
-        if group is not None and (not isinstance(group, int) or group < 1):
-            raise ValueError(f"group must be None or a positive int, got {group!r}")
+        bits = check_bits(bits)
+        group = check_group_saves(bits, group)
         self.inner, self.bits, self.group = method, bits, group
         self.budget, self.compresses_at = method.budget, method.compresses_at
         self.needs_probs, self.probs_rows = method.needs_probs, method.probs_rows

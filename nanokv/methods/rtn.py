@@ -16,7 +16,7 @@ Memory per token and head: 2 * (ceil(D * b / 8) + 4 * D / group) bytes + 4 bytes
 import torch
 
 from ..method import LowBitPart, Method, store_part
-from ..quant import check_bits, check_group
+from ..quant import check_bits, check_group, check_group_saves
 from ..ragged import Ragged
 
 
@@ -29,9 +29,8 @@ class RTN(Method):
 
     def __init__(self, bits: int = 4, group: int | None = None):
         super().__init__(budget=None)
-        check_bits(bits)
-        if group is not None and (not isinstance(group, int) or group < 1):
-            raise ValueError(f"group must be None or a positive int, got {group!r}")
+        bits = check_bits(bits)
+        group = check_group_saves(bits, group)
         self.bits, self.group = bits, group
 
     def check_config(self, config):

@@ -31,11 +31,11 @@ class Scissorhands(ScoredEviction):
 
     def __init__(self, budget: int, history: int = 400, drop: int | None = None, recent: int = 10,
                  threshold: str = "1/t"):
-        _check_int("budget", budget, 1)
+        budget = _check_int("budget", budget, 1)
         drop = max(1, budget // 2) if drop is None else drop
         super().__init__(budget, window=recent)
-        _check_int("history", history, 1)
-        _check_int("drop", drop, 1, budget + 1 - recent)
+        history = _check_int("history", history, 1)
+        drop = _check_int("drop", drop, 1, budget + 1 - recent)
         if threshold not in ("1/t", "1/n"):
             raise ValueError(f"threshold must be '1/t' or '1/n', got {threshold!r}")
         self.history, self.drop, self.recent, self.threshold = history, drop, recent, threshold

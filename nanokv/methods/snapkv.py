@@ -41,7 +41,7 @@ class SnapKV(ScoredEviction):
 
     def __init__(self, budget: int, window: int = 32, kernel: int = 7, pool: str = "max"):
         super().__init__(budget, window=window)
-        _check_int("kernel", kernel, 1)
+        kernel = _check_int("kernel", kernel, 1)
         if kernel % 2 == 0:
             raise ValueError(f"kernel must be odd (same-length pooling), got {kernel}")
         if pool not in ("max", "avg"):
@@ -55,7 +55,7 @@ class SnapKV(ScoredEviction):
         kwargs.setdefault("window", min(32, max(1, budget // 4)))  # paper default 32, else budget/4
         return cls(budget=budget, **kwargs)
 
-    def layer_budget(self, layer_idx: int) -> int:
+    def layer_budget(self, layer_idx: int, prompt_len: int | None = None) -> int:
         return self.budget
 
     def observe(self, layer, probs, q):
@@ -73,4 +73,4 @@ class SnapKV(ScoredEviction):
 
     def select(self, layer, score):
         """(B, H, L) keep mask for the prompt."""
-        return self.keep_mask(layer, score, self.layer_budget(layer.index))
+        return self.keep_mask(layer, score, self.layer_budget(layer.index, layer.max_len))

@@ -21,8 +21,8 @@ class StreamingLLM(ScoredEviction):
     needs_probs = False
 
     def __init__(self, budget: int, n_sink: int = 4):
-        _check_int("budget", budget, 1)
-        _check_int("n_sink", n_sink, 0)
+        budget = _check_int("budget", budget, 1)
+        n_sink = _check_int("n_sink", n_sink, 0)
         if n_sink >= budget:
             raise ValueError(f"n_sink ({n_sink}) must be < budget ({budget}): no room for recent tokens")
         super().__init__(budget, n_sink=n_sink, window=budget - n_sink)
