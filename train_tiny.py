@@ -316,5 +316,5 @@ if __name__ == "__main__":
             train_tokenizer()
             sys.exit(0)
         train(get_args())
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad arguments, missing files, a tokenizer not reachable offline
         sys.exit(f"train_tiny.py: error: {e}")

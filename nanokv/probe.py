@@ -127,3 +127,41 @@ def persistence_ratio(probs: torch.Tensor, min_share: float = 0.5) -> float:
     s2 = second.mean(1) >= min_share
     ratios = [float((s1[h] & s2[h]).sum() / s2[h].sum()) for h in range(H) if s2[h].any()]
     return sum(ratios) / len(ratios) if ratios else 0.0
+
+
+def visibility_from_maps(maps: list[torch.Tensor], value_pos: list[int], window: int) -> dict:
+    """How visible a needle's value is to attention-based scoring, from one prompt's full maps.
+
+    maps: per layer (H, T, T) causal attention of the prompt (context + question); value_pos: the
+    positions of the value's tokens in the context. Per layer and head:
+        last_mass  = sum over value tokens j of a_{T-1}[j]          (the question's last query)
+        window_vs_uniform = (sum over the last `window` queries i and value tokens j of a_i[j])
+                            / (window * len(value) / (T - window))  (1 = a uniform share)
+        above      = fraction of the tokens before the window whose SnapKV score (the window's
+                     summed attention) is above the weakest value token's   (0 = the value ranks first)
+    Returned as lists (layer -> head -> value)."""
+    out = {"last_mass": [], "window_vs_uniform": [], "above": []}
+    vp = torch.tensor(value_pos)
+    for probs in maps:
+        H, T, _ = probs.shape
+        ctx = T - window
+        score = probs[:, ctx:, :ctx].sum(dim=1)  # (H, ctx): SnapKV's window score, unpooled
+        weakest = score[:, vp].min(dim=1).values  # (H,)
+        out["last_mass"].append(probs[:, -1, vp].sum(-1).tolist())
+        out["window_vs_uniform"].append((score[:, vp].sum(-1) / (window * len(value_pos) / ctx)).tolist())
+        out["above"].append(((score > weakest[:, None]).float().mean(-1)).tolist())
+    return out
+
+
+def needle_visibility(model, episodes, window: int = 16) -> dict:
+    """visibility_from_maps averaged over passkey episodes (full prompts: context + question)."""
+    per = []
+    for ep in episodes:
+        ctx = ep.prompt[:ep.context_len]
+        n = len(ep.answer)
+        starts = [i for i in range(len(ctx) - n + 1) if ctx[i:i + n] == ep.answer]
+        if len(starts) != 1:
+            raise ValueError(f"the answer occurs {len(starts)} times in the context; expected once")
+        maps = attention_maps(model, torch.tensor(ep.prompt))
+        per.append(visibility_from_maps(maps, list(range(starts[0], starts[0] + n)), window))
+    return {k: torch.tensor([p[k] for p in per]).mean(0).tolist() for k in per[0]}

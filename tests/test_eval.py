@@ -221,3 +221,21 @@ def test_budget_plot_axes_reference_line_and_no_hidden_markers():
     assert h2o_x != tova_x and abs(tova_x / h2o_x - 1) < 0.1  # apart, but still near 0.25
     assert lines["h2o"].get_marker() != lines["tova"].get_marker()
     plt.close(fig)
+
+
+def test_needle_visibility_on_a_known_map():
+    """Two heads, 6 tokens, the value at position 1, window 2 (queries 4 and 5): head 0 looks at the
+    value from both window queries, head 1 never does."""
+    from nanokv.probe import visibility_from_maps
+
+    T = 6
+    probs = torch.zeros(2, T, T)
+    probs[0, :, 0] = 1.0
+    probs[0, 4:, :] = 0.0
+    probs[0, 4:, 1] = 1.0  # head 0: both window queries put all their mass on the value
+    probs[1, :, 0] = 1.0  # head 1: everything on token 0
+    v = visibility_from_maps([probs], [1], window=2)
+    assert v["last_mass"] == [[1.0, 0.0]]
+    assert v["window_vs_uniform"][0][0] == pytest.approx(2.0 / (2 * 1 / 4))  # all of it vs a 1/4 share
+    assert v["window_vs_uniform"][0][1] == 0.0
+    assert v["above"] == [[0.0, 0.25]]  # head 1 scores token 0 above the value: 1 of the 4 context tokens
