@@ -364,7 +364,8 @@ class GPT(nn.Module):
         path = os.fspath(name_or_path)
         if path == "nanokv-tiny":
             path = TINY_CHECKPOINT
-        hub_name = HF_ALIASES.get(path, path) if HF_ALIASES.get(path, path) in HF_NAMES else None
+        hub_name = HF_ALIASES.get(path, path)  # a Hugging Face name, in its short form, or None
+        hub_name = hub_name if hub_name in HF_NAMES else None
         if os.path.isdir(path) and not (hub_name and not os.path.isfile(os.path.join(path, "config.json"))):
             config, state = _read_hf_dir(path)  # (a ./gpt2/ folder without config.json is not a model)
             model = cls(config)
