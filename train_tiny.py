@@ -110,10 +110,7 @@ def check_args(args):
     if args.curriculum is None:
         b = args.block_size
         args.curriculum = ",".join(str(max(8, n)) for n in (b // 4, b // 2, b, b))
-    try:
-        lengths = [int(x) for x in args.curriculum.split(",")]
-    except ValueError:
-        raise ValueError(f"--curriculum must be comma-separated integers, got {args.curriculum!r}") from None
+    lengths = curriculum(args)
     if any(n < 8 or n > args.block_size for n in lengths):
         raise ValueError(f"--curriculum lengths must be in [8, --block-size={args.block_size}], got {lengths}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -121,6 +118,14 @@ def check_args(args):
                          "use --device cpu")
     if args.data is not None and os.path.isdir(args.data):
         raise ValueError(f"--data {args.data!r} is a directory; pass one text file")
+
+
+def curriculum(args) -> list[int]:
+    """--curriculum as a list of batch lengths."""
+    try:
+        return [int(x) for x in args.curriculum.split(",")]
+    except ValueError:
+        raise ValueError(f"--curriculum must be comma-separated integers, got {args.curriculum!r}") from None
 
 
 class Data:
@@ -139,7 +144,7 @@ class Data:
             raise ValueError("the text is too short for --block-size; use a longer file")
         if args.episode_ratio > 0:  # every batch length must hold an episode of either kind
             need = min_episode_length(self.tok)
-            short = [n for n in (int(x) for x in args.curriculum.split(",")) if n + 1 < need]
+            short = [n for n in curriculum(args) if n + 1 < need]
             if short:
                 raise ValueError(f"--curriculum lengths {short} are too short for a retrieval episode with the "
                                  f"{self.tok.name} tokenizer (at least {need - 1} tokens); use longer lengths, "
@@ -256,7 +261,7 @@ def train(args):
     opt = configure_optimizer(model, args)
     if args.resume:
         opt.load_state_dict(ckpt["optimizer"])
-    lengths = [int(x) for x in args.curriculum.split(",")]
+    lengths = curriculum(args)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}", file=sys.stderr)
     t0 = time.time()
     end = min(args.steps, args.stop_after or args.steps)

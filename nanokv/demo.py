@@ -45,8 +45,6 @@ def main(argv=None):
         p.error("--prompt is empty: give some text to continue")
     if args.new < 1:
         p.error(f"--new must be >= 1, got {args.new}")
-    if args.gpt2_dir:
-        os.environ["NANOKV_GPT2_DIR"] = args.gpt2_dir  # read by nanokv.tokenizer
     torch.manual_seed(args.seed)
     try:
         if args.model == "nanokv-tiny" and not os.path.isfile(TINY_CHECKPOINT):
@@ -54,6 +52,8 @@ def main(argv=None):
             model = GPT(GPTConfig.preset("tiny")).eval()
         else:
             model = GPT.from_pretrained(args.model)
+        if args.gpt2_dir:
+            model.tokenizer_dir = args.gpt2_dir  # GPT-2's tokenizer files, offline
         tok = model.tokenizer
     except (ValueError, OSError) as e:  # an unknown model, a missing tokenizer offline
         p.error(str(e))

@@ -57,17 +57,15 @@ def parse_budget(text: str, context: int) -> int:
     """'64' -> 64 tokens; '5%' -> 5% of the context, rounded (at least 1 token). A percentage
     must be in (0, 100]."""
     try:
-        if text.endswith("%"):
-            pct = float(text[:-1])
-            if not 0 < pct <= 100:
-                raise ValueError(f"budget {text!r}: a percentage must be in (0%, 100%]")
-            value = max(1, round(pct / 100 * context))
-        else:
-            value = int(text)
-    except ValueError as e:
-        if "percentage must be" in str(e):
-            raise
+        number = float(text[:-1]) if text.endswith("%") else int(text)
+    except ValueError:
         raise ValueError(f"budget {text!r} is neither a token count nor a percentage like '5%'") from None
+    if text.endswith("%"):
+        if not 0 < number <= 100:
+            raise ValueError(f"budget {text!r}: a percentage must be in (0%, 100%]")
+        value = max(1, round(number / 100 * context))
+    else:
+        value = number
     if not 1 <= value <= context:
         raise ValueError(f"budget {text!r} = {value} tokens must be in [1, context={context}]")
     return value
@@ -243,14 +241,14 @@ def run(args) -> tuple[list[dict], list[dict]]:
     from gpt import GPT
 
     torch.manual_seed(args.seed)
-    if getattr(args, "gpt2_dir", None):
-        os.environ["NANOKV_GPT2_DIR"] = args.gpt2_dir  # read by nanokv.tokenizer (a GPT-2 model offline)
     model = GPT.from_pretrained(args.model)
+    if getattr(args, "gpt2_dir", None):
+        model.tokenizer_dir = args.gpt2_dir  # GPT-2's tokenizer files, offline
     model.eval()
     context = model.config.block_size
     plan = plan_of(args, context)  # budgets checked against the context before any work
-    for _, name, kwargs, budget in plan:  # and every method built once: a typo fails before any work
-        make_factory(model.config, name, budget, **kwargs)
+    # every method built once before any work (a typo fails first, with the method named)
+    factories = [make_factory(model.config, name, budget, **kwargs) for _, name, kwargs, budget in plan]
     text = file_text(args.text, "val") if args.text else builtin_text("val")
     length = context - 1
     wins = windows(model, text, length, args.windows, args.seed)
@@ -270,8 +268,7 @@ def run(args) -> tuple[list[dict], list[dict]]:
                      "metric": "persistence_ratio", "value": sum(trained) / len(trained), "samples": len(wins),
                      "per_layer": trained, "random_per_layer": rand, "random_value": sum(rand) / len(rand)})
     tasks = [t for t in args.tasks if t != "persistence"]
-    for spec, name, kwargs, budget in tqdm(plan, desc="eval", disable=args.quiet):
-        factory = make_factory(model.config, name, budget, **kwargs)
+    for (spec, name, kwargs, budget), factory in tqdm(list(zip(plan, factories)), desc="eval", disable=args.quiet):
         mem = {f"mem_{k}": v for k, v in memory(model, factory, wins[0]).items()}
         for task in tasks:
             t0 = time.time()

@@ -22,23 +22,11 @@ token). A complete method can then be a few lines (see nanokv/methods/knorm.py).
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.nn.functional as F
 
+from .quant import as_int
 from .ragged import KINDS, Ragged
-
-
-def as_int(name, value) -> int:
-    """value as a Python int: ints, numpy integers and 0-d integer tensors are accepted; bools,
-    floats (even 4.0), strings and anything else get a TypeError naming the argument."""
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:  # e.g. a tensor with more than one element
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
 
 
 def _check_int(name, value, low, high=None, allow_none=False):

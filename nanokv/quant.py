@@ -21,17 +21,31 @@ slots). A run of n codes takes ceil(n * b / 8) bytes (n is padded up to a whole 
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
 BITS = (2, 3, 4, 8)
 
 
+def as_int(name, value) -> int:
+    """value as a Python int: ints, numpy integers and 0-d integer tensors are accepted; bools,
+    floats (even 4.0), strings and anything else get a TypeError naming the argument. (Here, not
+    in method.py, because quant.py imports nothing of nanokv: method.py and the stores import it.)"""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:  # e.g. a tensor with more than one element
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+
+
 def check_bits(bits: int, name: str = "bits") -> int:
     """bits as a Python int in BITS (4.0, True or "4" are refused: a TypeError naming `name`)."""
-    if isinstance(bits, bool) or not hasattr(bits, "__index__"):
-        raise TypeError(f"{name} must be an int, one of {BITS}, got {type(bits).__name__} {bits!r}")
-    bits = int(bits)
+    try:
+        bits = as_int(name, bits)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, one of {BITS}, got {type(bits).__name__} {bits!r}") from None
     if bits not in BITS:
         raise ValueError(f"{name} must be one of {BITS}, got {bits!r}")
     return bits
@@ -43,9 +57,9 @@ def check_group_saves(bits: int, group: int | None, name: str = "group") -> int 
     fp16 cache, or more: rtn(group=1) would hold 36 bits per value). None passes (chosen later)."""
     if group is None:
         return None
-    if isinstance(group, bool) or not hasattr(group, "__index__") or int(group) < 1:
+    group = as_int(name, group)
+    if group < 1:
         raise ValueError(f"{name} must be None or a positive int, got {group!r}")
-    group = int(group)
     per_value = bits + 32 / group
     if per_value >= 16:
         raise ValueError(f"{name}={group} at {bits} bits stores {per_value:g} bits per value (codes + an fp16 "

@@ -105,6 +105,7 @@ def train_bpe(texts, path: str = TINYBPE_FILE, vocab_size: int = TINYBPE_VOCAB) 
     " 00".." 99", so every 4-digit number is exactly two tokens whatever the corpus held), then
     the learned merges in the order they were learned, until vocab_size tokens."""
     import base64
+    import json
 
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -124,8 +125,6 @@ def train_bpe(texts, path: str = TINYBPE_FILE, vocab_size: int = TINYBPE_VOCAB) 
     digits = [f"{a}{b}" for a in range(10) for b in range(10)]
     for t in digits + [f" {d}" for d in range(10)] + [" " + d for d in digits]:
         ranks[t.encode()] = len(ranks)
-    import json
-
     for merge in json.loads(tk.to_str())["model"]["merges"]:
         a, b = merge.split(" ") if isinstance(merge, str) else merge
         token = bytes(to_byte[c] for c in a + b)

@@ -29,7 +29,7 @@ the Triton backend hands its packed codes to kernel 2 instead (fast/decode_quant
 
 import torch
 
-from ..method import Method
+from ..method import Method, _check_int
 from ..quant import check_bits, check_group, check_group_saves, dequantize_packed, packed_bytes
 from ..ragged import Ragged
 
@@ -45,9 +45,7 @@ class KIVI(Method):
         super().__init__(budget=None)
         bits = check_bits(bits)
         group = check_group_saves(bits, group)
-        if isinstance(residual, bool) or not hasattr(residual, "__index__") or int(residual) < 1:
-            raise ValueError(f"residual must be a positive int, got {residual!r}")
-        residual = int(residual)
+        residual = _check_int("residual", residual, 1)
         if group is not None and residual % group != 0:
             raise ValueError(f"residual ({residual}) must be a multiple of group ({group})")
         self.bits, self.group, self.residual = bits, group, residual
