@@ -303,10 +303,11 @@ class GPT(nn.Module):
         if cache is not None:
             with torch.no_grad():
                 return self._decode(idx, max_new_tokens, cache, temperature, top_k, generator)
-        from nanokv import KVCache
+        from nanokv.cache import KVCache
+        from nanokv.methods.full import FullCache
 
         with torch.inference_mode():  # the cache made here never leaves this call
-            out = self._decode(idx, max_new_tokens, KVCache(self.config, "full"), temperature, top_k, generator)
+            out = self._decode(idx, max_new_tokens, KVCache(self.config, FullCache()), temperature, top_k, generator)
         return out.clone()  # a normal tensor again (inference tensors refuse in-place writes)
 
     def _decode(self, idx, max_new_tokens, cache, temperature, top_k, generator):

@@ -61,10 +61,10 @@ def quantize_pack_kernel(X, PACKED, SCALE, ZERO, n, sx, sp, ss,
 
 def quantize_pack(x: torch.Tensor, bits: int, group: int):
     """x (..., n) -> (packed uint8 (..., n * bits / 8), scale fp16 (..., n / group), zero fp16 (...))."""
-    from nanokv.quant import check_bits, check_group
-
-    check_bits(bits)
-    check_group(x.shape[-1], group, "the quantized dimension")
+    if bits not in (2, 3, 4, 8):  # fast/ stands alone: nanokv.quant validates the same way for users
+        raise ValueError(f"bits must be one of (2, 3, 4, 8), got {bits!r}")
+    if group < 1 or x.shape[-1] % group:
+        raise ValueError(f"group ({group}) must divide the quantized dimension ({x.shape[-1]})")
     per, nbytes = chunk_of(bits)
     if group % per:
         raise ValueError(f"the Triton quantizer needs group ({group}) to be a multiple of {per} at {bits} bits")
@@ -82,12 +82,8 @@ def quantize_pack(x: torch.Tensor, bits: int, group: int):
     return packed.reshape(*shape, -1), scale.reshape(*shape, -1), zero.reshape(*shape, -1)
 
 
-def quantize_pack_or_torch(x: torch.Tensor, bits: int, group: int):
-    """The kernel where it applies (group a power of two and a multiple of the packing chunk),
-    else the torch reference (nanokv.quant.quantize_packed): the same bytes either way."""
-    from nanokv.quant import quantize_packed
-
+def applies(bits: int, group: int) -> bool:
+    """Whether quantize_pack takes this shape: a power-of-two group that is a multiple of the
+    packing chunk at this width."""
     per, _ = chunk_of(bits)
-    if group % per or group & (group - 1) or x.numel() == 0:
-        return quantize_packed(x, bits, group)
-    return quantize_pack(x, bits, group)
+    return group % per == 0 and group & (group - 1) == 0

@@ -3,43 +3,24 @@
     from gpt import GPT
     from nanokv import KVCache, METHODS
     cache = KVCache(model.config, "knorm", budget=64)
+
+`METHODS`, `register` and the method classes (`nanokv.H2O`, ...) load on first use
+(nanokv/registry.py), so `import nanokv.cache` pulls in no method.
 """
 
 from .cache import KVCache, reference_attention
 from .method import Method, ScoredEviction
-from .methods.adakv import AdaKV
-from .methods.cam import CaM
-from .methods.d2o import D2O
-from .methods.ems import EMS
-from .methods.full import FullCache
-from .methods.h2o import H2O
-from .methods.kivi import KIVI
-from .methods.knorm import KeyNorm
-from .methods.mikv import MiKV
-from .methods.pyramidkv import PyramidKV
-from .methods.quantized import Quantized
-from .methods.rtn import RTN
-from .methods.scissorhands import Scissorhands
-from .methods.snapkv import SnapKV
-from .methods.streamingllm import StreamingLLM
-from .methods.tova import TOVA
 
-# name -> method class. Add yours here (see "Add a method" in ARCHITECTURE.md) or use register().
-METHODS: dict[str, type[Method]] = {
-    cls.name: cls
-    for cls in (FullCache, StreamingLLM, H2O, TOVA, Scissorhands, SnapKV, PyramidKV, AdaKV, KeyNorm,
-                RTN, KIVI, MiKV, Quantized, CaM, D2O, EMS)
-}
+_LAZY = ("METHODS", "register", "AdaKV", "CaM", "D2O", "EMS", "FullCache", "H2O", "KIVI", "KeyNorm", "MiKV",
+         "PyramidKV", "Quantized", "RTN", "Scissorhands", "SnapKV", "StreamingLLM", "TOVA")
 
 
-def register(cls: type[Method]) -> type[Method]:
-    """Register a Method subclass under cls.name (usable as a decorator)."""
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise TypeError(f"register expects a Method subclass, got {cls!r}")
-    if cls.name in METHODS and METHODS[cls.name] is not cls:
-        raise ValueError(f"a method named {cls.name!r} is already registered: {METHODS[cls.name]}")
-    METHODS[cls.name] = cls
-    return cls
+def __getattr__(name):
+    if name in _LAZY:
+        from . import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module 'nanokv' has no attribute {name!r}")
 
 
 __all__ = ["KVCache", "METHODS", "Method", "ScoredEviction", "register", "reference_attention"]

@@ -71,7 +71,6 @@ class KVCache:
         method_kwargs) or a Method instance. backend: "torch" (the reference) or "triton".
         grow_by: when a layer's heads all hold the same number of tokens, its buffers grow
         by this many token slots at a time (spare slots are reported as padding; 1 = none)."""
-        from . import METHODS
         from .method import Method
 
         if not hasattr(config, "n_layer") or not hasattr(config, "n_head"):
@@ -84,6 +83,8 @@ class KVCache:
                         f"e.g. KVCache(config, {name!r}, budget={backend!r})")
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}{hint}")
         if isinstance(method, str):
+            from .registry import METHODS  # the registry loads only when a method is named
+
             if method not in METHODS:
                 raise ValueError(f"unknown method {method!r}; valid methods: {sorted(METHODS)}")
             method = METHODS[method](**method_kwargs)

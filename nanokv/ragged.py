@@ -150,11 +150,14 @@ class Ragged:
     def pack(self, value: torch.Tensor, bits: int, group: int):
         """(codes, scale, zero) of value: nanokv.quant.quantize_packed, or with the Triton
         backend fast/quant.py's kernel (bit-identical)."""
-        if self.backend == "triton":
-            from fast.quant import quantize_pack_or_torch as quantize
-        else:
-            from .quant import quantize_packed as quantize
-        return quantize(value, bits, group)
+        from .quant import quantize_packed
+
+        if self.backend == "triton" and value.numel():
+            from fast.quant import applies, quantize_pack
+
+            if applies(bits, group):  # else the torch reference: the same bytes either way
+                return quantize_pack(value, bits, group)
+        return quantize_packed(value, bits, group)
 
     def _quantize(self, name, value):
         bits, group, _, _ = self.quantized[name]

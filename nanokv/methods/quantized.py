@@ -27,7 +27,7 @@ class Quantized(Method):
     lossy = True
 
     def __init__(self, inner="scissorhands", bits: int = 4, group: int | None = None, **inner_kwargs):
-        from .. import METHODS
+        from ..registry import METHODS
 
         if isinstance(inner, str):
             if inner not in METHODS or inner == self.name:
@@ -49,7 +49,7 @@ class Quantized(Method):
 
     @classmethod
     def scaled(cls, budget, inner="scissorhands", **kwargs):
-        from .. import METHODS
+        from ..registry import METHODS
 
         return cls(METHODS[inner].scaled(budget), **kwargs)
 

@@ -3,7 +3,7 @@ The GPU check: correctness of every kernel on the GPU against the torch referenc
 method end to end with backend="triton" against backend="torch", then the kernel benchmarks.
 One prepared script for a few minutes of a lent GPU; it writes gpu.json and gpu.md.
 
-    python fast/gpu_bench.py --out results/gpu        # needs a CUDA GPU (not the interpreter)
+    python bench_gpu.py --out results/gpu        # needs a CUDA GPU (not the interpreter)
 
 Benchmarks (fp16, one query per head, bandwidth-bound sizes; CUDA-event timings by
 triton.testing.do_bench, median):
@@ -26,7 +26,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
