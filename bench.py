@@ -4,7 +4,8 @@ GPT-2 `generate` on the same randomly initialised weights, on this machine's CPU
 
     python bench.py                      # GPT-2 124M and a tiny config, prompt 512, 128 new tokens
     python bench.py --sizes tiny --new 64
-    python bench.py --methods            # every method's decode speed on the tiny model, and rooflines
+    python bench.py --methods --threads 1   # every method's decode step against the full cache's, at
+                                            # GPT-2 124M's shape and on the tiny model; rooflines
 
 Everything is measured side by side in one run and printed as ratios. Also printed: the
 memory-bandwidth roofline (bytes a decode step must read / bandwidth measured here) and the
@@ -133,39 +134,76 @@ def bench_size(name, config, prompt_len, n_new, repeats, bandwidth):
     }
 
 
-def bench_methods(budget_frac: float, prompt_len: int, n_new: int, repeats: int, bandwidth: float):
-    """Every registered method on the committed tiny model: decode tokens/s against the full
-    cache (the cost of its bookkeeping, as a ratio), and its size against the full cache."""
+def decode_step_times(model, prompt, methods, budget, steps, repeats):
+    """Seconds per decode step of each method, prefill excluded: every method prefills the same
+    prompt once; then each round clones each prefilled cache and times `steps` greedy decode
+    steps, the methods taking turns (best of `repeats` rounds)."""
+    prefilled = []
+    with torch.no_grad():
+        for cls in methods:
+            cache = KVCache(model.config, cls.scaled(budget) if cls.takes_budget else cls())
+            logits, _ = model(prompt, cache=cache, last_logits_only=True)
+            prefilled.append((cache, logits[:, -1].argmax(-1, keepdim=True)))
+
+    def timed(cache, first):
+        def run():
+            c, tok = cache.clone(), first
+            t = time.perf_counter()
+            for _ in range(steps):
+                logits, _ = model(tok, cache=c, last_logits_only=True)
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+            return time.perf_counter() - t
+        return run
+
+    runs = [timed(c, t) for c, t in prefilled]
+    best = [float("inf")] * len(runs)
+    with torch.no_grad():
+        for r in runs:  # warm-up
+            r()
+        for _ in range(repeats):
+            for i, r in enumerate(runs):
+                best[i] = min(best[i], r())
+    return [b / steps for b in best]
+
+
+def bench_methods(budget_frac: float, prompt_len: int, n_new: int, repeats: int, bandwidth: float,
+                  steps: int = 16, gpt2_prompt: int = 896):
+    """Every registered method's decode step against the full cache's, measured side by side at
+    GPT-2 124M's shape (random weights, prompt `gpt2_prompt`) and on the committed tiny model;
+    and, on the tiny model, its KV size against an fp16 full cache."""
     from nanokv import METHODS
 
+    methods = list(METHODS.values())
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    big = GPT(GPTConfig.preset("gpt2")).eval()
+    big_budget = max(1, round(budget_frac * gpt2_prompt))
+    big_prompt = torch.randint(0, big.config.vocab_size, (1, gpt2_prompt), generator=gen)
+    big_times = decode_step_times(big, big_prompt, methods, big_budget, steps, repeats)
+    del big
     model = GPT.from_pretrained("nanokv-tiny").eval()
     model_fp16 = GPT.from_pretrained("nanokv-tiny").half().eval()  # sizes as an fp16 model holds them
     budget = max(1, round(budget_frac * prompt_len))
-    prompt = torch.randint(0, 256, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=gen)
+    tiny_times = decode_step_times(model, prompt, methods, budget, steps, repeats)
     rows = []
-    for name, cls in METHODS.items():
-        def make():
-            return KVCache(model.config, cls.scaled(budget) if cls.takes_budget else cls())
-
-        def run():
-            cache = make()
-            model.generate(prompt, n_new, cache=cache, temperature=0)
-            return cache
-
+    for cls, tb, tt in zip(methods, big_times, tiny_times):
         with torch.no_grad():
-            run()  # warm-up
-            t = best_of(run, repeats)
             half = KVCache(model.config, cls.scaled(budget) if cls.takes_budget else cls())
             model_fp16(torch.cat([prompt, prompt[:, :n_new]], 1), cache=half)  # its size in an fp16 model
-        rows.append({"method": name, "tok_s": n_new / t, "seconds": t,
+        rows.append({"method": cls.name, "gpt2_step_ms": 1e3 * tb, "tiny_step_ms": 1e3 * tt,
                      "fraction_of_fp16": half.compression_report()["fraction_of_fp16"]})
     full = next(r for r in rows if r["method"] == "full")
-    print(f"\nmethods on the tiny model: prompt {prompt_len}, {n_new} new tokens, budget {budget} "
-          f"({100 * budget_frac:.0f}%) where a method takes one, best of {repeats}")
-    print(f"{'method':14} {'tok/s':>8} {'time vs full':>13} {'KV size vs fp16':>16}")
+    print(f"\ndecode step of every method against the full cache's, {steps} steps after the prefill, best of "
+          f"{repeats}, budget {100 * budget_frac:.0f}% of the prompt where a method takes one")
+    print(f"  GPT-2 124M shape (random weights): prompt {gpt2_prompt}, budget {big_budget}")
+    print(f"  tiny model: prompt {prompt_len}, budget {budget}")
+    print(f"{'method':14} {'gpt2 ms':>8} {'vs full':>8} {'tiny ms':>8} {'vs full':>8} {'KV size vs fp16':>16}")
     for r in rows:
-        print(f"{r['method']:14} {r['tok_s']:8.1f} {r['seconds'] / full['seconds']:12.2f}x "
-              f"{r['fraction_of_fp16']:15.3f}")
+        r["gpt2_ratio"] = r["gpt2_step_ms"] / full["gpt2_step_ms"]
+        r["tiny_ratio"] = r["tiny_step_ms"] / full["tiny_step_ms"]
+        print(f"{r['method']:14} {r['gpt2_step_ms']:8.2f} {r['gpt2_ratio']:7.2f}x {r['tiny_step_ms']:8.2f} "
+              f"{r['tiny_ratio']:7.2f}x {r['fraction_of_fp16']:15.3f}")
     # roofline: a decode step reads every weight once and the cache it holds
     c = GPTConfig.preset("gpt2")
     weights = 124.4e6 * 2  # fp16 GPT-2 124M
@@ -189,7 +227,7 @@ def main(argv=None):
     p.add_argument("--new", type=int, default=128, help="tokens generated")
     p.add_argument("--repeats", type=int, default=3, help="best of this many runs")
     p.add_argument("--threads", type=int, default=0, help="torch threads for both (0 = default)")
-    p.add_argument("--methods", action="store_true", help="every method on the tiny model instead")
+    p.add_argument("--methods", action="store_true", help="every method's decode step at GPT-2 124M's shape and on the tiny model instead")
     p.add_argument("--budget", type=float, default=0.25, help="with --methods: budget as a fraction of the prompt")
     args = p.parse_args(argv)
     sizes = args.sizes.split(",")

@@ -229,9 +229,19 @@ class Ragged:
         valid = self.valid_mask()
         if (mask & ~valid).any():
             raise ValueError("keep mask selects padded slots that hold no entry")
+        counts = mask.sum(dim=-1)  # (B, H)
+        n = int(counts[0, 0]) if counts.numel() else 0
+        if self.uniform and bool((counts == n).all()):  # uniform stays uniform: one gather per field
+            B, H, C = self.batch, self.heads, self.capacity
+            slots = mask.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :n]  # (B, H, n), in order
+            rows = (slots + C * torch.arange(B * H, device=slots.device).view(B, H, 1)).flatten()  # (B*H*n,)
+            for name, t in self.fields.items():  # whole rows of each buffer viewed as (B*H*C, *trailing)
+                self.fields[name] = t.flatten(0, 2).index_select(0, rows).view(B, H, n, *self.trailing[name])
+            self._set_lengths(counts)
+            return
         flat = mask[valid]  # (N,) in the flat (b, h, slot) order
         kept = {name: self.flat(name)[flat] for name in self.fields}
-        self._set_lengths(mask.sum(dim=-1))
+        self._set_lengths(counts)
         for name, t in kept.items():
             self.fields[name] = t.view(self.batch, self.heads, self._uniform_len, *self.trailing[name]) \
                 if self.uniform else t
