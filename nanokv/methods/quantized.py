@@ -82,7 +82,10 @@ class Quantized(Method):
         """The stored entries, dequantized, with this call's tokens at full precision. This call's
         tokens are the newest, so the last entries of every head; when each head ends with the
         same number m of them (the usual case), two parts: the packed older entries (the Triton
-        backend reads their codes directly, kernel 2) and the m new ones, exact."""
+        backend reads their codes directly, kernel 2) and the m new ones, exact. Between calls
+        every entry is packed: the store, dequantized."""
+        if self._fresh is None:
+            return [store_part(layer)]
         fk, fv, first = self._fresh
         pos = layer.padded("pos", fill=-1)  # (B, H, L)
         n_new = (pos >= first).sum(dim=-1)  # (B, H)
