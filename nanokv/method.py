@@ -213,18 +213,24 @@ def nearest_center(k, v, centers, rows, nonneg: bool = True, backend: str = "tor
         sim[t, c] = cos(k_t, k_c)                                   v None (D2O)
         sim[t, c] = max(cos(k_t, k_c), 0) * max(cos(v_t, v_c), 0)   (EMS; nonneg=False: no clamps)
         best[t], center[t] = max, argmax over centers c of sim[t, c]
-    This reference builds sim as a (B, H, L, L) matrix; backend="triton" runs fast/merge.py
+    This reference builds sim for the asked rows, a (B, H, m, L) matrix (m = the most rows a head
+    asks; L x L at a prefill that evicts most tokens); backend="triton" runs fast/merge.py
     (kernel 5), which walks the centers in tiles and never holds it."""
     if backend == "triton":
         from fast.merge import nearest_center as kernel
 
         return kernel(k, v, centers, rows, nonneg)
+    B, H, L, D = k.shape
+    m = int(rows.sum(-1).max())  # the asked rows only (one per head at a decode step), m per head
+    t = rows.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :m]  # (B, H, m) slots
     kn = F.normalize(k.float(), dim=-1)
-    sim = kn @ kn.transpose(-1, -2)  # (B, H, L_t, L_c)
+    sim = kn.gather(2, t[..., None].expand(B, H, m, D)) @ kn.transpose(-1, -2)  # (B, H, m, L_c)
     if v is not None:
         vn = F.normalize(v.float(), dim=-1)
-        cv = vn @ vn.transpose(-1, -2)
+        cv = vn.gather(2, t[..., None].expand(B, H, m, D)) @ vn.transpose(-1, -2)
         sim = sim.clamp(min=0) * cv.clamp(min=0) if nonneg else sim * cv
     sim = sim.masked_fill(~centers[:, :, None, :], float("-inf"))
-    best, center = sim.max(dim=-1)  # (B, H, L_t)
+    best_t, center_t = sim.max(dim=-1)  # (B, H, m)
+    best = torch.full((B, H, L), float("-inf"), device=k.device).scatter(-1, t, best_t)
+    center = torch.zeros(B, H, L, dtype=torch.long, device=k.device).scatter(-1, t, center_t)
     return best.masked_fill(~rows, float("-inf")), center.masked_fill(~rows, 0)

@@ -91,8 +91,8 @@ def quantize(x: torch.Tensor, bits: int, group: int):
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype=torch.float32):
     """Inverse of quantize: codes (..., n), scale and zero (..., n // group) -> (..., n) in dtype."""
     n_groups = scale.shape[-1]
-    cg = codes.float().reshape(*codes.shape[:-1], n_groups, codes.shape[-1] // n_groups)
-    x = cg * scale.float()[..., None] + zero.float()[..., None]
+    x = codes.float().reshape(*codes.shape[:-1], n_groups, codes.shape[-1] // n_groups)  # a new tensor:
+    x.mul_(scale.float()[..., None]).add_(zero.float()[..., None])  # code * scale + zero, in place
     return x.reshape(codes.shape).to(dtype)
 
 
@@ -126,6 +126,10 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of pack: (..., packed_bytes(n, bits)) uint8 -> codes (..., n) uint8."""
     check_bits(bits)
     per, nbytes = _chunk(bits)
+    if nbytes == 1:  # 2, 4, 8 bits: whole codes in each byte, shifted out in uint8 (no wide integers)
+        mask = 2**bits - 1
+        codes = torch.stack([(packed >> (bits * i)) & mask for i in range(per)], dim=-1)  # (..., bytes, per)
+        return codes.flatten(-2)[..., :n]
     b = packed.to(torch.int64).reshape(*packed.shape[:-1], packed.shape[-1] // nbytes, nbytes)
     word = (b << (torch.arange(nbytes, device=packed.device) * 8)).sum(dim=-1)
     shifts = torch.arange(per, device=packed.device) * bits

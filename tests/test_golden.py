@@ -1,6 +1,9 @@
 """Every method's fingerprint on a fixed run (tests/golden/record.py) equals the recorded one:
-kept sets and precisions after every call, memory held, and the logits to 1e-6 (so merged tensors
-and quantized codes; recorded on 2026-12-03 before the interface refactor). A change that moves one of them on purpose re-records with
+kept sets and precisions after every call, memory held, and the logits to 1e-5 (so merged tensors
+and quantized codes; recorded on 2026-12-03 before the interface refactor). The tolerance was
+1e-6; it is 1e-5 since D2O's and EMS's matching computes the cosines of the asked rows only
+(a (m, L) product in place of (L, L): the same values up to float reassociation, 1.1e-6 in D2O's
+logits), still 100 times below what one moved code or a 1% merge-weight error does (~1e-3). A change that moves one of them on purpose re-records with
 `python tests/golden/record.py` and says why in its commit."""
 
 import json
@@ -25,4 +28,4 @@ def test_method_matches_its_recorded_fingerprint(name):
     got_l, want_l = torch.tensor(got["logits"], dtype=torch.float64), torch.tensor(want["logits"], dtype=torch.float64)
     rel = ((got_l - want_l).abs() / want_l.abs().clamp_min(1e-3)).max().item()
     print(f"{name}: logits projections max rel. diff {rel:.2g}; exact bytes {'same' if got['logits_sha'] == want['logits_sha'] else 'differ'}")
-    assert rel <= 1e-6, f"{name}: logits changed (held keys, values or codes differ): max rel. diff {rel:.3g}"
+    assert rel <= 1e-5, f"{name}: logits changed (held keys, values or codes differ): max rel. diff {rel:.3g}"

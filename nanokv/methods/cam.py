@@ -47,21 +47,24 @@ class CaM(H2O):
 
     def merge_values(self, layer, keep):
         B, H, L = keep.shape
-        valid = layer.valid_mask()
-        evicted = valid & ~keep
+        evicted = layer.valid_mask() & ~keep  # (B, H, L); at decode one token per head
+        m_e = int(evicted.sum(-1).max())  # work on the evicted rows only, padded to m_e per head
+        e = evicted.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :m_e]  # (B, H, m_e) slots
+        e_ok = evicted.gather(-1, e)
         acc = layer.padded("acc").float()  # (B, H, L) A[j]
         # W[e, j]: j is one of the next m kept tokens after e
         kept_rank = torch.cumsum(keep.long(), dim=-1)  # number of kept slots up to and including j
-        after = kept_rank[:, :, None, :] - kept_rank[:, :, :, None]  # kept tokens in (e, j]
-        W = keep[:, :, None, :] & (after >= 1) & (after <= self.m)  # (B, H, L_e, L_j)
-        W = W & evicted[:, :, :, None]
-        size = W.sum(dim=-1)  # (B, H, L_e)
+        after = kept_rank[:, :, None, :] - kept_rank.gather(-1, e)[..., None]  # kept tokens in (e, j]
+        W = keep[:, :, None, :] & (after >= 1) & (after <= self.m) & e_ok[..., None]  # (B, H, m_e, L_j)
+        size = W.sum(dim=-1)  # (B, H, m_e)
         mean_a = (W * acc[:, :, None, :]).sum(dim=-1) / size.clamp(min=1)
-        p = torch.where(mean_a > 0, acc / mean_a.clamp(min=1e-30), (acc > 0).float())
+        a_e = acc.gather(-1, e)
+        p = torch.where(mean_a > 0, a_e / mean_a.clamp(min=1e-30), (a_e > 0).float())
         p = p.clamp(0.0, self.max_prob) * (size > 0)
         g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + layer.index * 10_007 + layer.n_seen)
-        u = torch.rand(H, L, generator=g).expand(B, H, L)  # the same draws for every batch row
-        z = (u < p.cpu()).to(p.device)
-        share = (W * (z / size.clamp(min=1))[..., None]).to(layer.dtype)  # (B, H, L_e, L_j)
+        u = torch.rand(H, L, generator=g).expand(B, H, L).to(p.device)  # the same draws for every batch row
+        z = u.gather(-1, e) < p
+        share = (W * (z / size.clamp(min=1))[..., None]).to(layer.dtype)  # (B, H, m_e, L_j)
         v = layer.padded("v")
-        layer.set_padded("v", v + share.transpose(-1, -2) @ v)
+        v_e = v.gather(2, e[..., None].expand(-1, -1, -1, v.size(-1)))  # (B, H, m_e, D)
+        layer.set_padded("v", v + share.transpose(-1, -2) @ v_e)
