@@ -5,18 +5,20 @@ KVCache: the object a GPT hands its attention to.
     logits, _ = model(prompt, cache=cache)            # prefill: attend, then compress
     logits, _ = model(next_token, cache=cache)        # decode: attend, then compress
 
-Data flow of one attention layer (see ARCHITECTURE.md):
+Data flow of one attention layer (see ARCHITECTURE.md): the cache drives, the method decides.
 
     CausalSelfAttention --q,k,v (B,H,T,D)--> KVCache.attend(layer, q, k, v)
-        -> method.attend(cache, layer, q, k, v, q_pos)
-             layer.append(k, v, pos)                     # store the new tokens
-             out, probs = cache.attention(q, layer, q_pos)  # ONE reference attention for all methods
-             method.observe(layer, probs, ...)           # update scores from the probabilities
-             method.compress(layer)                      # evict / merge / quantize down to budget
+        q, k = method.prepare(layer, q, k)
+        for each piece in method.pieces(layer, T):       # [T], or one token at a time
+             method.store(layer, k, v, pos)              # store the new tokens
+             parts = method.gather(layer, fresh)         # what attention reads
+             out, probs = cache.attention_over(q, parts) # ONE attention for all methods, kernel chosen here
+             scores = method.observe(layer, probs, q)    # update state from the probabilities
+             method.compress(layer, scores)              # evict / merge / quantize down to budget
         <- out (B,H,T,D)
 
-Batch size, device and dtype come from the first call. Every layer is a `Ragged` store
-(nanokv/ragged.py) with fields k, v, pos plus whatever per-token state the method declares.
+Batch size, device and dtype come from the first call. Every layer is a `Layer` (nanokv/ragged.py:
+a ragged store with fields k, v, pos plus whatever per-token state the method declares).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .ragged import KINDS, Ragged
+from .ragged import KINDS, Layer
 
 BACKENDS = ("torch", "triton")
 
@@ -103,7 +105,7 @@ class KVCache:
         self.method = method
         self.backend = backend
         self.grow_by = grow_by
-        self.layers: list[Ragged] | None = None  # created by the first call
+        self.layers: list[Layer] | None = None  # created by the first call
         # set track_peak = True to record the most bytes held at any attention call (peak_bytes)
         # and the largest fp32 probability matrix the reference attention built (peak_scores_bytes)
         self.track_peak, self.peak_bytes, self.peak_scores_bytes = False, 0, 0
@@ -146,17 +148,32 @@ class KVCache:
             raise TypeError(f"dtype {q.dtype} differs from this cache's dtype {self.dtype}")
         if q.device != self.device:
             raise ValueError(f"device {q.device} differs from this cache's device {self.device}")
-        layer = self.layers[layer_idx]
-        q_pos = torch.arange(layer.n_seen, layer.n_seen + T, dtype=torch.int32, device=q.device)  # (T,), as stored
-        out = self.method.attend(self, layer, q, k, v, q_pos)
-        layer.n_seen += T
-        return out
+        return self._pipeline(self.layers[layer_idx], q, k, v)
 
-    def attention(self, q, layer: Ragged, q_pos, with_probs: bool = True):
-        """Attention of q over everything the method says the layer holds (method.gather);
-        returns out (B, H, T, D) and fp32 probs (B, H, T, L) over the gathered entries (None
-        with with_probs=False, where the backend can skip them). Every method goes through this
-        one function, so exactness tests compare like with like."""
+    def _pipeline(self, layer: Layer, q, k, v):
+        """The one flow every method goes through (nanokv/method.py names the hooks): store the
+        new tokens, attend over what the method gathers, let it observe and compress."""
+        m = self.method
+        q, k = m.prepare(layer, q, k)
+        call_pos = torch.arange(layer.n_seen, layer.n_seen + q.size(2), dtype=torch.int32, device=q.device)
+        outs, start = [], 0
+        for n in m.pieces(layer, q.size(2)):
+            piece, pos = slice(start, start + n), call_pos[start:start + n]  # (n,) positions
+            fresh = (k[:, :, :start + n], v[:, :, :start + n], call_pos[:start + n])  # the call's tokens so far
+            layer.n_new = n
+            m.store(layer, k[:, :, piece], v[:, :, piece], pos)
+            out, probs = self.attention_over(q[:, :, piece], m.gather(layer, fresh), pos, with_probs=m.needs_probs)
+            m.compress(layer, m.observe(layer, probs, q[:, :, piece]))
+            layer.n_seen += n
+            layer.n_new = 0
+            outs.append(out)
+            start += n
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def attention(self, q, layer: Layer, q_pos, with_probs: bool = True):
+        """Attention of q over everything the method says the layer holds between calls
+        (method.gather); out (B, H, T, D) and fp32 probs (B, H, T, L) over the gathered entries.
+        For introspection (the attention-loss probe); the pipeline calls attention_over."""
         return self.attention_over(q, self.method.gather(layer), q_pos, with_probs)
 
     def attention_over(self, q, parts, q_pos, with_probs: bool = True):
@@ -249,9 +266,7 @@ class KVCache:
         c = self.config
         self.layers = []
         for i in range(c.n_layer):
-            layer = Ragged(batch, c.n_head, device, grow_by=self.grow_by)
-            layer.index, layer.n_seen, layer.dtype = i, 0, dtype
-            layer.segments = {}  # further stores a method may add (low-bit segments, residuals)
+            layer = Layer(batch, c.n_head, device, self.grow_by, index=i, dtype=dtype)
             layer.add_field("k", "keys", (c.n_embd // c.n_head,), dtype)
             layer.add_field("v", "values", (c.n_embd // c.n_head,), dtype)
             layer.add_field("pos", "positions", (), torch.int32)
@@ -325,7 +340,7 @@ class KVCache:
         for st in self._stores_with_positions(layer_idx):
             n = int(st.lengths[batch, head])
             pos.append(st.padded("pos", fill=-1)[batch, head, :n].long().flatten())
-            bits.append(torch.full_like(pos[-1], getattr(st, "bits", None) or full_bits))
+            bits.append(torch.full_like(pos[-1], st.bits or full_bits))
         pos, bits = torch.cat(pos), torch.cat(bits)
         order = torch.argsort(pos)
         return pos[order], bits[order]

@@ -1,18 +1,23 @@
 """
 The two base classes every compression method builds on.
 
-`Method`: the cache calls `method.attend(cache, layer, q, k, v, q_pos)` for every layer of
-every forward call. The default does what almost every method needs:
+`Method`: the cache runs one fixed pipeline for every layer of every forward call
+(KVCache.attend, nanokv/cache.py); a method fills in hooks and never calls back into the cache:
 
-    1. layer.append(k=k, v=v, pos=q_pos)           store the new tokens (the cache briefly
-                                                   holds budget + T entries)
-    2. out, probs = cache.attention(q, layer, q_pos) one shared reference attention
-    3. self.observe(layer, probs, q)               update per-token scores (hook)
-    4. self.compress(layer)                        shrink back to the budget (hook)
+    q, k = method.prepare(layer, q, k)            rescale queries and keys (MiKV's balancer)
+    for each piece in method.pieces(layer, T):    [T] (one pass), or [1] * T (Scissorhands'
+                                                  token-by-token prompt: a mode the cache runs)
+        method.store(layer, k, v, pos)            store the new tokens (briefly budget + T)
+        parts = method.gather(layer, fresh)       what attention reads (packed tiers, ...)
+        out, probs = attention over the parts     THE attention, its kernel chosen by the cache
+        scores = method.observe(layer, probs, q)  update per-token state; may return scores
+        method.compress(layer, scores)            evict / merge / quantize back to the budget
 
-so after every call a head keeps at most `budget` tokens. A method overrides only the hooks
-it needs; methods with a different flow (token-by-token prefill, quantized segments, query
-rescaling) override `attend` itself.
+so after every call a head keeps at most `budget` tokens. A method overrides only the hooks it
+needs; what one hook hands the next travels as a return value, not as state on the method.
+The layer (`nanokv.cache.Layer`) is the cache's storage of one layer: padded tensors of the
+stored fields (`layer.padded("k")`, (B, H, L, D)), the method's own declared per-token fields,
+and a few declared facts (`index`, `n_seen` tokens before this piece, `n_new` in it, `dtype`).
 
 `ScoredEviction`: a method that only defines `score(layer)` (higher = more worth keeping)
 gets the rest from here: protected first tokens (`n_sink`) and recent tokens (`window`),
@@ -109,30 +114,32 @@ class Method:
     def init_layer(self, layer: Ragged, layer_idx: int):
         """Declare per-token fields (layer.add_field) this method keeps."""
 
-    def attend(self, cache, layer: Ragged, q, k, v, q_pos):
-        self.append(layer, k, v, q_pos)
-        out, probs = cache.attention(q, layer, q_pos, with_probs=self.needs_probs)
-        self.observe(layer, probs, q)
-        self.compress(layer)
-        return out
+    def prepare(self, layer: Ragged, q, k):
+        """Queries and keys (B, H, T, D) as attention should see them (default: unchanged)."""
+        return q, k
 
-    def gather(self, layer: Ragged) -> list:
+    def pieces(self, layer: Ragged, T: int) -> list[int]:
+        """How the cache splits a call of T tokens: [T] (one pass, the default) or [1] * T."""
+        return [T]
+
+    def store(self, layer: Ragged, k, v, pos):
+        """Store the new tokens' keys, values and positions (k, v: (B, H, T, D); pos: (T,) int32)."""
+        B, H, T, _ = k.shape
+        layer.append(k=k, v=v, pos=pos.expand(B, H, T))
+
+    def gather(self, layer: Ragged, fresh=None) -> list:
         """What attention reads: a list of parts (k, v, k_pos, valid), padded (B, H, L, ...).
         By default the layer's own full-precision entries; quantized methods add dequantized
-        segments."""
+        segments. fresh: (k, v, pos) of this call's tokens so far, exact (None between calls)."""
         return [store_part(layer)]
 
-    @staticmethod
-    def append(layer: Ragged, k, v, q_pos):
-        """Store the new tokens' keys, values and positions (k, v: (B, H, T, D); q_pos: (T,) int32)."""
-        B, H, T, _ = k.shape
-        layer.append(k=k, v=v, pos=q_pos.expand(B, H, T))
-
     def observe(self, layer: Ragged, probs: torch.Tensor, q: torch.Tensor):
-        """probs (B, H, T, Lmax) fp32: attention of the T new queries over every stored entry."""
+        """probs (B, H, T, Lmax) fp32: attention of the T new queries over every stored entry.
+        Update per-token state; return this call's scores for compress (or None)."""
+        return None
 
-    def compress(self, layer: Ragged):
-        """Bring every head of the layer back within its budget."""
+    def compress(self, layer: Ragged, scores=None):
+        """Bring every head of the layer back within its budget (scores: what observe returned)."""
 
     def state_nbytes(self) -> dict[str, int]:
         """Bytes of method state held outside the per-token fields (per kind)."""
@@ -154,7 +161,8 @@ class ScoredEviction(Method):
         protected = the n_sink oldest entries and the window newest entries
         kept      = protected + the (budget - |protected|) best remaining entries by score,
                     ties broken by position (the more recent entry wins)
-    Subclasses implement score(layer) -> (B, H, Lmax) float, higher = keep.
+    Subclasses implement score(layer) -> (B, H, Lmax) float, higher = keep (or return this
+    call's scores from observe, as TOVA does).
     """
 
     name = "scored"
@@ -175,10 +183,10 @@ class ScoredEviction(Method):
     def score(self, layer: Ragged) -> torch.Tensor:
         raise NotImplementedError
 
-    def compress(self, layer: Ragged):
+    def compress(self, layer: Ragged, scores=None):
         if layer.max_len <= self.budget:
             return
-        layer.keep(self.keep_mask(layer, self.score(layer), self.budget))
+        layer.keep(self.keep_mask(layer, self.score(layer) if scores is None else scores, self.budget))
 
     def keep_mask(self, layer: Ragged, score: torch.Tensor, budget) -> torch.Tensor:
         """(B, H, Lmax) bool: protected entries plus the top-scoring rest, `budget` per head

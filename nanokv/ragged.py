@@ -46,6 +46,7 @@ class Ragged:
         self.fills: dict[str, float] = {}  # value given to new entries a caller does not provide
         self.quantized: dict[str, tuple] = {}  # name -> (bits, group, dim, dtype) of low-bit fields
         self.backend = "torch"  # the cache's backend (set by it): "triton" packs with fast/quant.py
+        self.bits: int | None = None  # the bits keys and values are stored at here (None: the model dtype)
 
     # ------------------------------------------------------------------ declaring fields
     def add_field(self, name: str, kind: str, trailing: tuple, dtype: torch.dtype, fill: float = 0.0):
@@ -256,3 +257,17 @@ class Ragged:
             out["padding"] += total - used  # spare slots of the uniform layout
         out["positions"] += self.lengths.numel() * self.lengths.element_size()  # index metadata
         return out
+
+
+class Layer(Ragged):
+    """One layer of a cache: its main store plus the facts the cache declares for methods.
+    Methods read these; only the cache writes them."""
+
+    def __init__(self, batch: int, heads: int, device, grow_by: int, index: int, dtype: torch.dtype):
+        super().__init__(batch, heads, device, grow_by)
+        self.index = index  # the layer's number in the model
+        self.dtype = dtype  # the model's dtype (keys and values are read back in it)
+        self.n_seen = 0  # tokens this layer saw before the current piece (kept or not)
+        self.n_new = 0  # tokens in the current piece
+        self.segments: dict[str, Ragged] = {}  # further stores a method adds (low-bit tiers, residuals)
+

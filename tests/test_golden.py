@@ -2,8 +2,10 @@
 kept sets and precisions after every call, memory held, and the logits to 1e-5 (so merged tensors
 and quantized codes; recorded on 2026-12-03 before the interface refactor). The tolerance was
 1e-6; it is 1e-5 since D2O's and EMS's matching computes the cosines of the asked rows only
-(a (m, L) product in place of (L, L): the same values up to float reassociation, 1.1e-6 in D2O's
-logits), still 100 times below what one moved code or a 1% merge-weight error does (~1e-3). A change that moves one of them on purpose re-records with
+(a (m, L) product in place of (L, L): 1.1e-6 in D2O's logits) and MiKV's attention reads
+[high tier, low tier] with the new tokens stored in the high tier first (the same keys in
+another order: 9.1e-7), both float reassociation, still 100 times below what one moved code
+or a 1% merge-weight error does (~1e-3). A change that moves one of them on purpose re-records with
 `python tests/golden/record.py` and says why in its commit."""
 
 import json

@@ -37,7 +37,7 @@ class CaM(H2O):
         _check_number("max_prob", max_prob, 0, 1)
         self.m, self.max_prob, self.seed = m, float(max_prob), seed
 
-    def compress(self, layer):
+    def compress(self, layer, scores=None):
         if layer.max_len <= self.budget:
             return
         keep = self.keep_mask(layer, self.score(layer), self.budget)  # (B, H, L)

@@ -51,7 +51,7 @@ class D2O(H2O):
         kwargs.setdefault("n_sink", min(4, budget // 4))
         return cls(budget=budget, **kwargs)
 
-    def compress(self, layer):
+    def compress(self, layer, scores=None):
         if layer.max_len <= self.budget:
             return
         keep = self.keep_mask(layer, self.score(layer), self.budget)

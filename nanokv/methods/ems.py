@@ -148,7 +148,7 @@ class EMS(Method):
             return layer.max_len > self.budget
         return bool((layer.lengths.sum(-1) > layer.heads * self.budget).any())  # the layer's total
 
-    def compress(self, layer):
+    def compress(self, layer, scores=None):
         if not self.over_budget(layer):
             return
         if layer.n_seen > 0 and layer.n_seen % self.interval != 0:

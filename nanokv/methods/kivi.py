@@ -73,15 +73,12 @@ class KIVI(Method):
         layer.segments.update(kq=kq, vq=vq, vr=vr)
         layer.drop_field("v")  # the main store is the key residual
 
-    def attend(self, cache, layer, q, k, v, q_pos):
-        B, H, T, D = q.shape
-        layer.append(k=k, pos=q_pos.expand(B, H, T))
-        layer.segments["vr"].append(v=v)
-        out, _ = cache.attention(q, layer, q_pos, with_probs=False)
-        self.compress(layer)
-        return out
+    def store(self, layer, k, v, pos):
+        B, H, T, D = k.shape
+        layer.append(k=k, pos=pos.expand(B, H, T))  # the key residual
+        layer.segments["vr"].append(v=v)  # the value residual
 
-    def gather(self, layer):
+    def gather(self, layer, fresh=None):
         return [KIVIPart(self, layer)]
 
     def dequantized(self, layer):
@@ -99,7 +96,7 @@ class KIVI(Method):
         pos = torch.cat([kq.padded("pos").reshape(B, H, C * G), layer.padded("pos")], dim=2)
         return k, v, pos, None
 
-    def compress(self, layer):
+    def compress(self, layer, scores=None):
         B, H, R, G = layer.batch, layer.heads, self.residual, self.G
         n_k = (layer.max_len // R) * R  # keys: quantize whole residuals of R tokens
         if n_k:

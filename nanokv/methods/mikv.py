@@ -96,23 +96,25 @@ class MiKV(Method):
             layer.drop_field(name)
 
     # ------------------------------------------------------------------ one call
-    def attend(self, cache, layer, q, k, v, q_pos):
-        B, H, T, D = q.shape
-        hi, lo = layer.segments["hi"], layer.segments["lo"]
+    def prepare(self, layer, q, k):
         if self.balancer and layer.index not in self.scales:
-            self.calibrate_balancer(layer, q, k, n_seen=layer.n_seen + T)
+            self.calibrate_balancer(layer, q, k, n_seen=layer.n_seen + q.size(2))
         if self.balancer and layer.index in self.scales:
             b = self.scales[layer.index]
             q, k = (q.float() / b).to(q.dtype), (k.float() * b).to(k.dtype)
-        pos = q_pos.expand(B, H, T)
-        parts = [store_part(hi), self.low_part(lo), (k, v, pos, None)]
-        out, probs = cache.attention_over(q, parts, q_pos)  # this call's tokens at full precision
-        n_hi, n_lo = hi.max_len, lo.max_len
-        hi.set_padded("acc", hi.padded("acc") + probs[..., :n_hi].sum(dim=2))
-        hi.append(k=k, v=v, pos=pos, acc=probs[..., n_hi + n_lo:].sum(dim=2))
+        return q, k
+
+    def store(self, layer, k, v, pos):  # new tokens enter the high tier (F starts at 0)
+        B, H, T, _ = k.shape
+        layer.segments["hi"].append(k=k, v=v, pos=pos.expand(B, H, T))
+
+    def observe(self, layer, probs, q):  # attention read [high tier, low tier]: F of the high tier
+        hi = layer.segments["hi"]
+        hi.set_padded("acc", hi.padded("acc") + probs[..., :hi.max_len].sum(dim=2))
+
+    def compress(self, layer, scores=None):
         if layer.index in self.scales or not self.balancer:  # nothing is demoted before calibration
-            self.demote(layer, n_seen=layer.n_seen + T)
-        return out
+            self.demote(layer, n_seen=layer.n_seen + layer.n_new)
 
     def calibrate_balancer(self, layer, q, k, n_seen: int):
         """Track max |q| and max |k| per channel; once `calibrate` tokens are seen, fix the balance
@@ -149,7 +151,7 @@ class MiKV(Method):
         """The low tier as an attention part (packed: the Triton backend reads its codes directly)."""
         return store_part(lo) if self.bits_lo is None else LowBitPart(lo)
 
-    def gather(self, layer):
+    def gather(self, layer, fresh=None):
         return [store_part(layer.segments["hi"]), self.low_part(layer.segments["lo"])]
 
     def state_nbytes(self):

@@ -45,7 +45,6 @@ class Quantized(Method):
         self.inner, self.bits, self.group = method, bits, group
         self.budget, self.compresses_at = method.budget, method.compresses_at
         self.needs_probs, self.probs_rows = method.needs_probs, method.probs_rows
-        self._fresh = None
 
     @classmethod
     def scaled(cls, budget, inner="scissorhands", **kwargs):
@@ -71,22 +70,26 @@ class Quantized(Method):
         layer.bits = self.bits
         self.inner.init_layer(layer, layer_idx)
 
-    def attend(self, cache, layer, q, k, v, q_pos):
-        self._fresh = (k, v, int(q_pos[0]))
-        try:
-            return self.inner.attend(cache, layer, q, k, v, q_pos)
-        finally:
-            self._fresh = None
+    def pieces(self, layer, T):  # every hook but gather is the wrapped method's
+        return self.inner.pieces(layer, T)
 
-    def gather(self, layer):
-        """The stored entries, dequantized, with this call's tokens at full precision. This call's
-        tokens are the newest, so the last entries of every head; when each head ends with the
-        same number m of them (the usual case), two parts: the packed older entries (the Triton
-        backend reads their codes directly, kernel 2) and the m new ones, exact. Between calls
-        every entry is packed: the store, dequantized."""
-        if self._fresh is None:
+    def store(self, layer, k, v, pos):
+        self.inner.store(layer, k, v, pos)
+
+    def observe(self, layer, probs, q):
+        return self.inner.observe(layer, probs, q)
+
+    def compress(self, layer, scores=None):
+        self.inner.compress(layer, scores)
+
+    def gather(self, layer, fresh=None):
+        """The stored entries, dequantized, with this call's tokens (fresh) at full precision:
+        the newest entries of every head; when each head ends with the same number m of them
+        (the usual case), two parts: the packed older entries (the Triton backend reads their
+        codes directly, kernel 2) and the m new ones, exact. Between calls: the store, dequantized."""
+        if fresh is None:
             return [store_part(layer)]
-        fk, fv, first = self._fresh
+        fk, fv, first = fresh[0], fresh[1], int(fresh[2][0])
         pos = layer.padded("pos", fill=-1)  # (B, H, L)
         n_new = (pos >= first).sum(dim=-1)  # (B, H)
         m, L = int(n_new.max()), layer.max_len

@@ -45,10 +45,10 @@ class RTN(Method):
         q.add_field("pos", "positions", (), torch.int32)
         layer.segments["q"] = q
 
-    def gather(self, layer):
+    def gather(self, layer, fresh=None):
         return [LowBitPart(layer.segments["q"]), store_part(layer)]  # old tokens low-bit, this call's exact
 
-    def compress(self, layer):
+    def compress(self, layer, scores=None):
         """Move every full-precision entry (this call's tokens) into the quantized segment."""
         if layer.max_len == 0:
             return

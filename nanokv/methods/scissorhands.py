@@ -48,24 +48,18 @@ class Scissorhands(ScoredEviction):
     def init_layer(self, layer, layer_idx):
         layer.add_field("hist", "method_state", (math.ceil(self.history / 8),), torch.uint8)
 
-    def attend(self, cache, layer, q, k, v, q_pos):
-        T = q.size(2)
+    def pieces(self, layer, T):
         if layer.max_len + T <= self.budget:  # nothing to evict in this call: one parallel pass
-            self.append(layer, k, v, q_pos)
-            out, probs = cache.attention(q, layer, q_pos)  # (B, H, T, L)
-            for i in range(T):
-                self.record(layer, probs[:, :, i], int(q_pos[i]))
-            return out
-        outs = []
-        for i in range(T):  # token by token, as if every token were generated
-            self.append(layer, k[:, :, i:i + 1], v[:, :, i:i + 1], q_pos[i:i + 1])
-            out, probs = cache.attention(q[:, :, i:i + 1], layer, q_pos[i:i + 1])
-            self.record(layer, probs[:, :, 0], int(q_pos[i]))
-            if layer.max_len > self.budget:
-                counts = self.counts(layer)
-                layer.keep(self.keep_mask(layer, -counts.float(), layer.max_len - self.drop))
-            outs.append(out)
-        return torch.cat(outs, dim=2)
+            return [T]
+        return [1] * T  # token by token, as if every token were generated (the cache loops)
+
+    def observe(self, layer, probs, q):
+        for i in range(probs.size(2)):  # (B, H, T, L): one bit per query, in order
+            self.record(layer, probs[:, :, i], layer.n_seen + i)
+
+    def compress(self, layer, scores=None):
+        if layer.max_len > self.budget:  # drop the `drop` tokens most often below the threshold
+            layer.keep(self.keep_mask(layer, -self.counts(layer).float(), layer.max_len - self.drop))
 
     def record(self, layer, p, step: int):
         """Set this step's bit: p (B, H, L) attention of the query at position `step`."""

@@ -48,7 +48,6 @@ class SnapKV(ScoredEviction):
             raise ValueError(f"pool must be 'max' or 'avg', got {pool!r}")
         self.kernel, self.pool = kernel, pool
         self.probs_rows = window  # observe reads the window's rows only
-        self._score = None
 
     @classmethod
     def scaled(cls, budget, **kwargs):
@@ -61,15 +60,13 @@ class SnapKV(ScoredEviction):
     def observe(self, layer, probs, q):
         # compress the prompt once, when it is longer than the (mean) budget, as the official
         # code does; a layer whose own budget holds the whole prompt then keeps everything
-        first_call = layer.n_seen == 0
-        if first_call and layer.max_len > self.budget:
-            self._score = window_scores(probs, self.window, self.kernel, self.pool)
+        if layer.n_seen == 0 and layer.max_len > self.budget:
+            return window_scores(probs, self.window, self.kernel, self.pool)
+        return None  # decode and continuation chunks only append
 
-    def compress(self, layer):
-        if self._score is None:
-            return  # decode and continuation chunks only append
-        layer.keep(self.select(layer, self._score))
-        self._score = None
+    def compress(self, layer, scores=None):
+        if scores is not None:
+            layer.keep(self.select(layer, scores))
 
     def select(self, layer, score):
         """(B, H, L) keep mask for the prompt."""

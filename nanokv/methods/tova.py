@@ -24,19 +24,11 @@ class TOVA(ScoredEviction):
             raise ValueError(f"head_reduce must be 'mean' or 'none', got {head_reduce!r}")
         super().__init__(budget)
         self.head_reduce = head_reduce
-        self._score = None
 
     probs_rows = 1  # observe reads the newest query's row only
 
     def observe(self, layer, probs, q):
-        last = probs[:, :, -1, :]  # (B, H, L): the newest query's attention
+        last = probs[:, :, -1, :]  # (B, H, L): the newest query's attention, this call's scores
         if self.head_reduce == "mean":
             last = last.mean(dim=1, keepdim=True).expand_as(last)
-        self._score = last
-
-    def score(self, layer):
-        return self._score
-
-    def compress(self, layer):
-        super().compress(layer)
-        self._score = None  # transient: not state the cache keeps
+        return last  # handed to compress (ScoredEviction's), not kept
