@@ -271,3 +271,9 @@ class Layer(Ragged):
         self.n_new = 0  # tokens in the current piece
         self.segments: dict[str, Ragged] = {}  # further stores a method adds (low-bit tiers, residuals)
 
+    def nearest_center(self, k, v, centers, rows, nonneg: bool = True):
+        """nanokv.method.nearest_center on this layer's backend (Triton: fast/merge.py)."""
+        from .method import nearest_center
+
+        return nearest_center(k, v, centers, rows, nonneg, self.backend)
+

@@ -53,3 +53,26 @@ def test_model_does_not_load_the_method_registry():
     import nanokv  # and the registry still loads on first use
 
     assert nanokv.METHODS["h2o"] is nanokv.H2O
+
+
+# every method file's length before the one-way pipeline (commit 18ed328): none may grow
+MAX_LINES = {"adakv": 70, "cam": 67, "d2o": 93, "ems": 184, "full": 18, "h2o": 41, "kivi": 142, "knorm": 24,
+             "mikv": 169, "pyramidkv": 66, "quantized": 108, "rtn": 56, "scissorhands": 90, "snapkv": 76,
+             "streamingllm": 37, "tova": 42}
+
+
+def test_method_files_stay_short():
+    lengths = {os.path.basename(p)[:-3]: sum(1 for _ in open(p, encoding="utf-8"))
+               for p in py_files("nanokv/methods") if not p.endswith("__init__.py")}
+    grown = {n: (lengths[n], MAX_LINES[n]) for n in lengths if n in MAX_LINES and lengths[n] > MAX_LINES[n]}
+    assert not grown, f"method files longer than before (lines, limit): {grown}"
+
+
+def test_methods_never_call_the_cache():
+    """The one-way pipeline: no method file reaches into the cache (attention, attend, gather of
+    another's parts) or names a backend; it reads its layer and returns decisions."""
+    import re
+
+    for p in py_files("nanokv/methods"):
+        text = open(p, encoding="utf-8").read()
+        assert not re.search(r"\bcache\.|\.attention_over\(|\.attention\(|def attend\(|\bbackend\s*=", text), p

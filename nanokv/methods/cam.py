@@ -38,12 +38,11 @@ class CaM(H2O):
         self.m, self.max_prob, self.seed = m, float(max_prob), seed
 
     def compress(self, layer, scores=None):
-        if layer.max_len <= self.budget:
-            return
-        keep = self.keep_mask(layer, self.score(layer), self.budget)  # (B, H, L)
-        if self.max_prob > 0:
-            self.merge_values(layer, keep)
-        layer.keep(keep)
+        if layer.max_len > self.budget:
+            keep = self.keep_mask(layer, self.score(layer), self.budget)  # (B, H, L)
+            if self.max_prob > 0:
+                self.merge_values(layer, keep)
+            layer.keep(keep)
 
     def merge_values(self, layer, keep):
         B, H, L = keep.shape
@@ -57,14 +56,12 @@ class CaM(H2O):
         after = kept_rank[:, :, None, :] - kept_rank.gather(-1, e)[..., None]  # kept tokens in (e, j]
         W = keep[:, :, None, :] & (after >= 1) & (after <= self.m) & e_ok[..., None]  # (B, H, m_e, L_j)
         size = W.sum(dim=-1)  # (B, H, m_e)
-        mean_a = (W * acc[:, :, None, :]).sum(dim=-1) / size.clamp(min=1)
-        a_e = acc.gather(-1, e)
+        mean_a, a_e = (W * acc[:, :, None, :]).sum(dim=-1) / size.clamp(min=1), acc.gather(-1, e)
         p = torch.where(mean_a > 0, a_e / mean_a.clamp(min=1e-30), (a_e > 0).float())
         p = p.clamp(0.0, self.max_prob) * (size > 0)
         g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + layer.index * 10_007 + layer.n_seen)
         u = torch.rand(H, L, generator=g).expand(B, H, L).to(p.device)  # the same draws for every batch row
         z = u.gather(-1, e) < p
         share = (W * (z / size.clamp(min=1))[..., None]).to(layer.dtype)  # (B, H, m_e, L_j)
-        v = layer.padded("v")
-        v_e = v.gather(2, e[..., None].expand(-1, -1, -1, v.size(-1)))  # (B, H, m_e, D)
-        layer.set_padded("v", v + share.transpose(-1, -2) @ v_e)
+        v = layer.padded("v")  # every kept j adds its share of each evicted value v_e (B, H, m_e, D)
+        layer.set_padded("v", v + share.transpose(-1, -2) @ v.gather(2, e[..., None].expand(-1, -1, -1, v.size(-1))))

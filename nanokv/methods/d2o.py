@@ -15,8 +15,8 @@ scatter-mean including the center itself):
     k_c <- (k_c + sum over e->c of s_e * k_e) / (1 + |{e -> c}|),   v_c likewise.
 `threshold` fixes tau instead (threshold=inf never merges: exactly H2O with its sinks).
 
-The matching is nanokv.method.nearest_center (with backend="triton": fast/merge.py, no
-L x L matrix); the merge is a scatter-add into the centers (no one-hot matrix either).
+The matching is layer.nearest_center (nanokv.method.nearest_center; on the Triton backend
+fast/merge.py, no L x L matrix); the merge is a scatter-add into the centers (no one-hot matrix).
 Choices: the decision is made per head (the official code averages s_e over heads, which
 only makes sense when all heads evict the same tokens); tau is per layer and batch row, kept in
 fp32 (B floats per layer of method state).
@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from ..method import _check_number, nearest_center
+from ..method import _check_number
 from .h2o import H2O
 
 
@@ -64,7 +64,7 @@ class D2O(H2O):
         if not evicted.any():
             return
         k, v = layer.padded("k").float(), layer.padded("v").float()
-        s, center = nearest_center(k, None, keep, evicted, backend=layer.backend)  # (B, H, L): key cosine
+        s, center = layer.nearest_center(k, None, keep, evicted)  # (B, H, L): key cosine
         n_e = evicted.sum(dim=(1, 2))  # (B,) evicted tokens per row, over all heads
         mean_s = s.masked_fill(~evicted, 0.0).sum(dim=(1, 2)) / n_e.clamp(min=1)  # (B,)
         if self.threshold is not None:

@@ -44,7 +44,7 @@ Method state: s_glo (4 bytes) and the local ring (4 * window bytes) per token.
 import torch
 import torch.nn.functional as F
 
-from ..method import Method, _check_int, _check_number, nearest_center, top_k_mask
+from ..method import Method, _check_int, _check_number, top_k_mask
 from .adakv import headwise_topk
 
 
@@ -134,8 +134,8 @@ class EMS(Method):
             in_prefix = before < self.mass * total
             cand = torch.zeros_like(rest).scatter_(-1, order, in_prefix) & rest
         # redundancy: product of key and value cosine similarity to each center (method.py)
-        best, center = nearest_center(layer.padded("k"), layer.padded("v"), centers, cand,
-                                      self.nonneg_cos, layer.backend)  # (B, H, L) each
+        best, center = layer.nearest_center(layer.padded("k"), layer.padded("v"), centers, cand,
+                                            self.nonneg_cos)  # (B, H, L) each
         member = cand & (best >= self.tau)
         assign = torch.full((B, H, L), L, dtype=torch.long, device=s.device)  # the zero center
         assign = torch.where(member, center, assign)

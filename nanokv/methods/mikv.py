@@ -105,8 +105,7 @@ class MiKV(Method):
         return q, k
 
     def store(self, layer, k, v, pos):  # new tokens enter the high tier (F starts at 0)
-        B, H, T, _ = k.shape
-        layer.segments["hi"].append(k=k, v=v, pos=pos.expand(B, H, T))
+        layer.segments["hi"].append(k=k, v=v, pos=pos.expand(*k.shape[:3]))
 
     def observe(self, layer, probs, q):  # attention read [high tier, low tier]: F of the high tier
         hi = layer.segments["hi"]
@@ -147,12 +146,9 @@ class MiKV(Method):
         lo.append(k=take(k), v=take(v), pos=take(pos))
         hi.keep(keep)
 
-    def low_part(self, lo):
-        """The low tier as an attention part (packed: the Triton backend reads its codes directly)."""
-        return store_part(lo) if self.bits_lo is None else LowBitPart(lo)
-
-    def gather(self, layer, fresh=None):
-        return [store_part(layer.segments["hi"]), self.low_part(layer.segments["lo"])]
+    def gather(self, layer, fresh=None):  # the low tier packed (the Triton backend reads its codes)
+        lo = layer.segments["lo"]
+        return [store_part(layer.segments["hi"]), store_part(lo) if self.bits_lo is None else LowBitPart(lo)]
 
     def state_nbytes(self):
         out = super().state_nbytes()

@@ -70,17 +70,11 @@ class Quantized(Method):
         layer.bits = self.bits
         self.inner.init_layer(layer, layer_idx)
 
-    def pieces(self, layer, T):  # every hook but gather is the wrapped method's
-        return self.inner.pieces(layer, T)
-
-    def store(self, layer, k, v, pos):
-        self.inner.store(layer, k, v, pos)
-
-    def observe(self, layer, probs, q):
-        return self.inner.observe(layer, probs, q)
-
-    def compress(self, layer, scores=None):
-        self.inner.compress(layer, scores)
+    # every hook but gather is the wrapped method's
+    def pieces(self, layer, T): return self.inner.pieces(layer, T)  # noqa: E704
+    def store(self, layer, k, v, pos): self.inner.store(layer, k, v, pos)  # noqa: E704
+    def observe(self, layer, probs, q): return self.inner.observe(layer, probs, q)  # noqa: E704
+    def compress(self, layer, scores=None): self.inner.compress(layer, scores)  # noqa: E704
 
     def gather(self, layer, fresh=None):
         """The stored entries, dequantized, with this call's tokens (fresh) at full precision:

@@ -12,9 +12,9 @@ When the cache exceeds the budget B, the `drop` tokens with the largest counts a
 
 Every input token is processed as if it were generated: a prompt that fits the budget is one
 parallel pass (then each of its queries is recorded as a step), a prompt that does not is
-read token by token, evicting as it goes, so its later tokens attend to a compressed cache.
-Ties in count go to the more recent token. The history is stored compactly: one bit per step,
-ceil(history / 8) bytes per cached token, reported as method state.
+read token by token (`pieces`: the cache runs it so), evicting as it goes, so its later tokens
+attend to a compressed one. Ties in count go to the more recent token. The history is stored
+compactly: one bit per step, ceil(history / 8) bytes per cached token, reported as method state.
 """
 
 import math
