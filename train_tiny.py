@@ -5,6 +5,7 @@ far back in its context (the skill KV-cache compression can destroy).
     python train_tiny.py                          # tiny byte-level model on Python's own docs
     python train_tiny.py --data input.txt         # any text file instead
     python train_tiny.py --resume out/tiny.pt     # continue a run
+    python train_tiny.py --init nanokv-tiny       # fine-tune the committed model (fresh optimizer)
 
 Each batch mixes natural text with synthetic retrieval episodes (nanokv/episodes.py):
 passkey (needle in a haystack) and line retrieval, plus `--repeat-ratio` rows of a random
@@ -80,6 +81,8 @@ def get_args(argv=None):
     p.add_argument("--out", default="out/tiny.pt", help="training checkpoint (with optimizer)")
     p.add_argument("--export", help="also write an fp16 checkpoint without optimizer here at the end")
     p.add_argument("--resume", help="continue from this training checkpoint")
+    p.add_argument("--init", help="start from this model's weights (any checkpoint GPT.from_pretrained reads, e.g. "
+                                  "nanokv-tiny) with a fresh optimizer and schedule: fine-tuning")
     p.add_argument("--stop-after", type=int, help="stop (and save) after this step, keeping the --steps schedule")
     p.add_argument("--ema", type=float, default=0.0,
                    help="keep an exponential moving average of the weights with this decay (e.g. 0.998); "
@@ -101,6 +104,8 @@ def check_args(args):
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if args.steps < 1 or args.batch_size < 1:
         raise ValueError("--steps and --batch-size must be >= 1")
+    if args.resume and args.init:
+        raise ValueError("--resume continues a run and --init starts a new one from weights: pass one of them")
     if not 0.0 <= args.ema < 1.0:
         raise ValueError(f"--ema must be in [0, 1) (0 = off), got {args.ema}")
     if not 0.0 <= args.min_lr_frac <= 1.0:
@@ -245,6 +250,11 @@ def train(args):
         step, log = ckpt["step"], ckpt.get("log", [])
         rng.setstate((ckpt["rng_version"], tuple(ckpt["rng_state"]), None))
         torch.set_rng_state(ckpt["torch_rng"])
+    elif args.init:
+        model = GPT.from_pretrained(args.init).float()
+        if model.tokenizer_name != args.tokenizer:
+            raise ValueError(f"--init {args.init!r} was trained with the {model.tokenizer_name} tokenizer; "
+                             f"pass --tokenizer {model.tokenizer_name}")
     else:
         overrides = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)}
         config = GPTConfig.preset(args.preset, block_size=args.block_size,

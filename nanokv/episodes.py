@@ -5,7 +5,7 @@ passkey (needle in a haystack): a random 5-digit number is stated once, at a cho
 natural filler text, and asked for at the end:
 
     <filler> The pass key is 48213. Remember it. <filler>
-    What is the pass key? The pass key is| 48213
+    What is the pass key? The pass key is |48213
 
 line retrieval (the LongEval task MiKV evaluates on): a list of `line <key>: <value>` lines,
 then a question for one key:
@@ -13,9 +13,12 @@ then a question for one key:
     line parser: 48213
     line module: 90417
     ...
-    What is in line module? line module:| 90417
+    What is in line module? line module: |90417
 
-An Episode holds token ids: `prompt` (context + question) and `answer`. The question-agnostic
+An Episode holds token ids: `prompt` (context + question) and `answer`. With the byte tokenizer
+the question ends with the space before the value (as drawn above: `|` marks where the answer
+starts), so the question's last query must fetch the value's first digit; subword tokenizers
+keep the space in the value's first token (`... key is| 4813`, answer " 48", "13"). The question-agnostic
 protocol prefills `prompt[:context_len]`, compresses, then feeds `prompt[context_len:]`.
 Values have `digits` digits: 5 for the byte tokenizer (the committed byte model's format),
 4 for subword tokenizers, where tinybpe makes a 4-digit value exactly two tokens (" 48", "13").
@@ -55,6 +58,21 @@ def default_digits(tok) -> int:
     return 5 if getattr(tok, "name", None) == "byte" else 4
 
 
+def question_space(tok) -> bool:
+    """Where the space before the value goes. Byte tokenizer: at the end of the question, so the
+    answer starts with a digit that the question's last query must fetch from the needle (the
+    value's importance is visible at prefill). Subword tokenizers: in the value's first token
+    (" 48"), as they tokenize it inside the needle."""
+    return getattr(tok, "name", None) == "byte"
+
+
+def _qa(tok, question: str, value: str) -> tuple[list[int], list[int]]:
+    """(question tokens, answer tokens) with the space before the value placed for `tok`."""
+    if question_space(tok):
+        return tok.encode(question + " "), tok.encode(value)
+    return tok.encode(question), tok.encode(" " + value)
+
+
 def _value(rng: random.Random, digits: int) -> str:
     return str(rng.randint(10 ** (digits - 1), 10 ** digits - 1))
 
@@ -63,8 +81,7 @@ def min_episode_length(tok, digits: int | None = None) -> int:
     """The shortest `length` (prompt + answer tokens) for which both kinds of episode fit with this
     tokenizer: passkey's needle, question and answer; two lines of the longest keys and their question."""
     value = "9" * (default_digits(tok) if digits is None else digits)
-    passkey = (len(tok.encode(PASSKEY_NEEDLE.format(key=value))) + len(tok.encode(PASSKEY_QUESTION))
-               + len(tok.encode(" " + value)) + 1)
+    passkey = len(tok.encode(PASSKEY_NEEDLE.format(key=value))) + sum(map(len, _qa(tok, PASSKEY_QUESTION, value))) + 1
     line = len(tok.encode(LINE.format(key="x" * 8, value=value)))
     lines = 2 * line + 4 + len(tok.encode(LINES_QUESTION.format(key="x" * 8))) + 6 + len(tok.encode(" " + value))
     return max(48, passkey, lines)
@@ -83,10 +100,10 @@ def passkey_episode(rng: random.Random, tok, filler: list[int], length: int,
     _check(length, depth, 48)
     depth = rng.random() if depth is None else depth
     digits = default_digits(tok) if digits is None else digits
-    question = tok.encode(PASSKEY_QUESTION)
     while True:
         key = _value(rng, digits)
-        needle, answer = tok.encode(PASSKEY_NEEDLE.format(key=key)), tok.encode(" " + key)
+        needle = tok.encode(PASSKEY_NEEDLE.format(key=key))
+        question, answer = _qa(tok, PASSKEY_QUESTION, key)
         n_fill = length - len(needle) - len(question) - len(answer)
         if n_fill < 0 or len(filler) < n_fill + 1:
             raise ValueError(f"length {length} too short for the needle, or filler text too short")
@@ -133,7 +150,7 @@ def lines_episode(rng: random.Random, tok, filler: list[int], words: list[str], 
     ask = round(depth * (len(lines) - 1))
     key = keys[ask]
     value = tok.decode(lines[ask]).split(": ")[1].strip()
-    question, answer = tok.encode(LINES_QUESTION.format(key=key)), tok.encode(" " + value)
+    question, answer = _qa(tok, LINES_QUESTION.format(key=key), value)
     n_fill = length - used - len(question) - len(answer)
     while True:  # the answer must occur exactly once: not in the filler either
         start = rng.randrange(0, len(filler) - n_fill)

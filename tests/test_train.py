@@ -65,6 +65,23 @@ def test_export_is_half_and_loads(tmp_path):
     assert torch.allclose(loaded.transformer.wte.weight, model.transformer.wte.weight, atol=1e-3)
 
 
+def test_init_fine_tunes_from_exported_weights(tmp_path):
+    """--init starts from a model's weights (an fp16 export without optimizer) with a fresh
+    optimizer and schedule: at lr 0 the weights stay exactly the loaded ones."""
+    base = TINY_ARGS + ["--eval-interval", "0", "--steps", "2"]
+    model, _, _ = train_tiny.train(train_tiny.get_args(base + ["--out", str(tmp_path / "a.pt"),
+                                                               "--export", str(tmp_path / "e.pt")]))
+    tuned, _, losses = train_tiny.train(train_tiny.get_args(base + ["--steps", "1", "--out", str(tmp_path / "b.pt"),
+                                                                    "--init", str(tmp_path / "e.pt"), "--lr", "0"]))
+    start = GPT.from_pretrained(str(tmp_path / "e.pt")).float()
+    assert all(torch.equal(p, q) for p, q in zip(tuned.parameters(), start.parameters()))  # lr 0: unchanged
+    with pytest.raises(ValueError, match="--resume .* --init"):
+        train_tiny.get_args(base + ["--init", "x.pt", "--resume", "y.pt"])
+    with pytest.raises(ValueError, match="tokenizer"):
+        train_tiny.train(train_tiny.get_args(base + ["--init", str(tmp_path / "e.pt"), "--tokenizer", "tinybpe",
+                                                     "--out", str(tmp_path / "c.pt")]))
+
+
 def test_trains_on_a_text_file(tmp_path, capsys):
     """--data FILE: the model is trained on that file's first 90% (validated on the rest), with
     no synthetic rows unless asked for, and the run says where the checkpoint went."""
