@@ -73,6 +73,9 @@ def get_args(argv=None):
                    help="fraction of rows that are a random string repeated (a copy warm-up, see "
                         "nanokv.episodes.repeat_row) [0.2; 0 with --data]")
     p.add_argument("--answer-weight", type=float, default=10.0, help="loss weight of answer tokens")
+    p.add_argument("--qspace", action="store_true",
+                   help="episodes' questions end with the space before the value (the answer is the bare value; "
+                        "nanokv.episodes, qspace)")
     p.add_argument("--curriculum", default=None,
                    help="comma-separated batch lengths drawn uniformly [block/4, block/2, block, block]")
     p.add_argument("--eval-interval", type=int, default=500, help="evaluate and save every this many steps (0: at the end)")
@@ -164,7 +167,7 @@ class Data:
                 seq = repeat_row(rng, self.tok, T + 1)
             elif rng.random() < args.episode_ratio:
                 kind = "lines" if rng.random() < args.lines_share else "passkey"
-                ep = make_episode(kind, rng, self.tok, self.train, self.words["train"], T + 1)
+                ep = make_episode(kind, rng, self.tok, self.train, self.words["train"], T + 1, qspace=args.qspace)
                 seq = ep.prompt + ep.answer
                 for i in range(len(ep.answer)):  # the targets that are answer tokens
                     w[T - 1 - i] = args.answer_weight
@@ -204,12 +207,12 @@ def val_loss(model, data, args, max_tokens=65536):
 
 
 @torch.no_grad()
-def retrieval_accuracy(model, data, n, length, seed=0):
+def retrieval_accuracy(model, data, n, length, seed=0, qspace=False):
     model.eval()
     out = {}
     for kind in ("passkey", "lines"):
         rng = random.Random(seed)
-        eps = [make_episode(kind, rng, data.tok, data.val, data.words["val"], length) for _ in range(n)]
+        eps = [make_episode(kind, rng, data.tok, data.val, data.words["val"], length, qspace=qspace) for _ in range(n)]
         out[kind] = exact_match(model, eps)
     model.train()
     return out
@@ -299,7 +302,7 @@ def train(args):
         if args.eval_interval and ((step + 1) % args.eval_interval == 0 or last):
             nats, bpb = val_loss(ema or model, data, args)
             acc = {} if not args.episode_ratio else retrieval_accuracy(
-                ema or model, data, args.eval_episodes, args.eval_length or max(lengths))
+                ema or model, data, args.eval_episodes, args.eval_length or max(lengths), qspace=args.qspace)
             recent = losses[-args.eval_interval:]
             entry = {"step": step + 1, "train_loss": round(sum(recent) / len(recent), 4), "val_loss": round(nats, 4),
                      "val_bpb": round(bpb, 4), **acc, "minutes": round((time.time() - t0) / 60, 2)}

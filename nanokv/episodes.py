@@ -5,7 +5,7 @@ passkey (needle in a haystack): a random 5-digit number is stated once, at a cho
 natural filler text, and asked for at the end:
 
     <filler> The pass key is 48213. Remember it. <filler>
-    What is the pass key? The pass key is |48213
+    What is the pass key? The pass key is| 48213
 
 line retrieval (the LongEval task MiKV evaluates on): a list of `line <key>: <value>` lines,
 then a question for one key:
@@ -13,13 +13,11 @@ then a question for one key:
     line parser: 48213
     line module: 90417
     ...
-    What is in line module? line module: |90417
+    What is in line module? line module:| 90417
 
-An Episode holds token ids: `prompt` (context + question) and `answer`. With the byte tokenizer
-the question ends with the space before the value (as drawn above: `|` marks where the answer
-starts), so the question's last query must fetch the value's first digit; subword tokenizers
-keep the space in the value's first token (`... key is| 4813`, answer " 48", "13"). The question-agnostic
-protocol prefills `prompt[:context_len]`, compresses, then feeds `prompt[context_len:]`.
+An Episode holds token ids: `prompt` (context + question) and `answer` (`|` above marks where
+the answer starts; `qspace=True` moves the space into the question: `... key is |48213`).
+The question-agnostic protocol prefills `prompt[:context_len]`, compresses, then feeds `prompt[context_len:]`.
 Values have `digits` digits: 5 for the byte tokenizer (the committed byte model's format),
 4 for subword tokenizers, where tinybpe makes a 4-digit value exactly two tokens (" 48", "13").
 Generation is seeded (`random.Random(seed)`) and reproducible; the answer string occurs in the
@@ -58,17 +56,13 @@ def default_digits(tok) -> int:
     return 5 if getattr(tok, "name", None) == "byte" else 4
 
 
-def question_space(tok) -> bool:
-    """Where the space before the value goes. Byte tokenizer: at the end of the question, so the
-    answer starts with a digit that the question's last query must fetch from the needle (the
-    value's importance is visible at prefill). Subword tokenizers: in the value's first token
-    (" 48"), as they tokenize it inside the needle."""
-    return getattr(tok, "name", None) == "byte"
-
-
-def _qa(tok, question: str, value: str) -> tuple[list[int], list[int]]:
-    """(question tokens, answer tokens) with the space before the value placed for `tok`."""
-    if question_space(tok):
+def _qa(tok, question: str, value: str, qspace: bool) -> tuple[list[int], list[int]]:
+    """(question tokens, answer tokens). qspace=False [default]: the answer is " 48213", as the
+    value reads in the needle. qspace=True: the question ends with the space and the answer is
+    "48213", so with the byte tokenizer the question's last query must fetch the value's first
+    digit from the needle at prefill (an experiment for issue 17: the committed byte model's
+    answer starts with a space that needs no retrieval, which hides the value's importance)."""
+    if qspace:
         return tok.encode(question + " "), tok.encode(value)
     return tok.encode(question), tok.encode(" " + value)
 
@@ -81,7 +75,8 @@ def min_episode_length(tok, digits: int | None = None) -> int:
     """The shortest `length` (prompt + answer tokens) for which both kinds of episode fit with this
     tokenizer: passkey's needle, question and answer; two lines of the longest keys and their question."""
     value = "9" * (default_digits(tok) if digits is None else digits)
-    passkey = len(tok.encode(PASSKEY_NEEDLE.format(key=value))) + sum(map(len, _qa(tok, PASSKEY_QUESTION, value))) + 1
+    passkey = (len(tok.encode(PASSKEY_NEEDLE.format(key=value))) + len(tok.encode(PASSKEY_QUESTION))
+               + len(tok.encode(" " + value)) + 1)
     line = len(tok.encode(LINE.format(key="x" * 8, value=value)))
     lines = 2 * line + 4 + len(tok.encode(LINES_QUESTION.format(key="x" * 8))) + 6 + len(tok.encode(" " + value))
     return max(48, passkey, lines)
@@ -95,7 +90,7 @@ def _check(length, depth, minimum):
 
 
 def passkey_episode(rng: random.Random, tok, filler: list[int], length: int,
-                    depth: float | None = None, digits: int | None = None) -> Episode:
+                    depth: float | None = None, digits: int | None = None, qspace: bool = False) -> Episode:
     """A passkey episode of exactly `length` tokens; `filler` is tokenized natural text."""
     _check(length, depth, 48)
     depth = rng.random() if depth is None else depth
@@ -103,7 +98,7 @@ def passkey_episode(rng: random.Random, tok, filler: list[int], length: int,
     while True:
         key = _value(rng, digits)
         needle = tok.encode(PASSKEY_NEEDLE.format(key=key))
-        question, answer = _qa(tok, PASSKEY_QUESTION, key)
+        question, answer = _qa(tok, PASSKEY_QUESTION, key, qspace)
         n_fill = length - len(needle) - len(question) - len(answer)
         if n_fill < 0 or len(filler) < n_fill + 1:
             raise ValueError(f"length {length} too short for the needle, or filler text too short")
@@ -122,7 +117,7 @@ def words_from(text: str, lo: int = 4, hi: int = 8) -> list[str]:
 
 
 def lines_episode(rng: random.Random, tok, filler: list[int], words: list[str], length: int,
-                  depth: float | None = None, digits: int | None = None) -> Episode:
+                  depth: float | None = None, digits: int | None = None, qspace: bool = False) -> Episode:
     """A line-retrieval episode of exactly `length` tokens. Lines fill the context; the gap
     left at the start (less than one line) is natural filler text."""
     _check(length, depth, 48)
@@ -150,7 +145,7 @@ def lines_episode(rng: random.Random, tok, filler: list[int], words: list[str], 
     ask = round(depth * (len(lines) - 1))
     key = keys[ask]
     value = tok.decode(lines[ask]).split(": ")[1].strip()
-    question, answer = _qa(tok, LINES_QUESTION.format(key=key), value)
+    question, answer = _qa(tok, LINES_QUESTION.format(key=key), value, qspace)
     n_fill = length - used - len(question) - len(answer)
     while True:  # the answer must occur exactly once: not in the filler either
         start = rng.randrange(0, len(filler) - n_fill)
@@ -179,11 +174,11 @@ def repeat_row(rng: random.Random, tok, length: int, lo: int = 6, hi: int = 40) 
     return ids[:length]
 
 
-def make_episode(kind: str, rng, tok, filler, words, length, depth=None, digits=None) -> Episode:
+def make_episode(kind: str, rng, tok, filler, words, length, depth=None, digits=None, qspace=False) -> Episode:
     if kind == "passkey":
-        return passkey_episode(rng, tok, filler, length, depth, digits)
+        return passkey_episode(rng, tok, filler, length, depth, digits, qspace)
     if kind == "lines":
-        return lines_episode(rng, tok, filler, words, length, depth, digits)
+        return lines_episode(rng, tok, filler, words, length, depth, digits, qspace)
     raise ValueError(f"unknown episode kind {kind!r}; valid kinds: ['passkey', 'lines']")
 
 

@@ -127,11 +127,11 @@ def make_factory(config, name: str, budget: int | None, **kwargs):
 
 
 # ---------------------------------------------------------------------- tasks
-def episodes(model, kind: str, n: int, length: int, text: str, seed: int, depth=None):
+def episodes(model, kind: str, n: int, length: int, text: str, seed: int, depth=None, qspace: bool = False):
     tok = model.tokenizer
     rng = random.Random(seed)
     filler, words = tok.encode(text), words_from(text)
-    return [make_episode(kind, rng, tok, filler, words, length, depth) for _ in range(n)]
+    return [make_episode(kind, rng, tok, filler, words, length, depth, qspace=qspace) for _ in range(n)]
 
 
 def retrieval(model, eps, factory, agnostic: bool) -> list[dict]:
@@ -252,12 +252,13 @@ def run(args) -> tuple[list[dict], list[dict]]:
     text = file_text(args.text, "val") if args.text else builtin_text("val")
     length = context - 1
     wins = windows(model, text, length, args.windows, args.seed)
-    eps = {k: episodes(model, k, args.samples, context, text, args.seed) for k in ("passkey", "lines") if k in args.tasks}
+    eps = {k: episodes(model, k, args.samples, context, text, args.seed, qspace=args.qspace)
+           for k in ("passkey", "lines") if k in args.tasks}
     needle_lengths = sorted({min(context, max(96, context // 4)), min(context, max(96, context // 2)), context})
     cells = [(n, d) for n in needle_lengths for d in NEEDLE_DEPTHS]
     per_cell = max(1, args.samples // 5)
     if "needle" in args.tasks:
-        eps["needle"] = {cell: episodes(model, "passkey", per_cell, cell[0], text, args.seed + i, cell[1])
+        eps["needle"] = {cell: episodes(model, "passkey", per_cell, cell[0], text, args.seed + i, cell[1], args.qspace)
                          for i, cell in enumerate(cells)}
     rows, samples = [], []
     if "persistence" in args.tasks:
@@ -342,6 +343,8 @@ def get_args(argv=None):
                                   "validation split)")
     p.add_argument("--gpt2-dir", help="offline GPT-2 tokenizer files for a GPT-2 model (else $NANOKV_GPT2_DIR)")
     p.add_argument("--seed", type=int, default=0, help="seed of the episodes and windows")
+    p.add_argument("--qspace", action="store_true", help="questions end with the space before the value "
+                   "(the answer is the bare value; nanokv.episodes)")
     p.add_argument("--out", default="runs/eval", help="output folder (its earlier summary files are replaced)")
     p.add_argument("--no-plots", action="store_true", help="write no .png")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -128,6 +128,10 @@ def test_episodes_deterministic_exact_length_and_unique_answer(ingredients, kind
         assert tok.decode(a.answer) == " " + a.answer_text
         ctx = tok.decode(a.prompt[:a.context_len])
         assert a.answer_text in ctx  # the fact is in the context, before the question
+        q = make_episode(kind, random.Random(seed), tok, filler, words, 300, qspace=True)  # the space asked for
+        ends = ": " if kind == "lines" else "is "
+        assert q.length == 300 and tok.decode(q.answer) == q.answer_text and tok.decode(q.prompt).endswith(ends)
+        assert q.prompt[:q.context_len] == a.prompt[:a.context_len] and q.answer_text == a.answer_text
 
 
 def test_repeat_rows_are_periodic_and_seeded(ingredients):
