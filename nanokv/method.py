@@ -89,7 +89,9 @@ class Method:
     """Keeps everything (the full cache). Base class of every method."""
 
     name = "full"
-    compresses_at = "never"  # "prefill", "decode", "prefill+decode" (shown in the README table)
+    # "never", "prefill", "decode", "prefill+decode": the README table, and cache.reserve (only
+    # "never" and "prefill" methods hold a growing store after the prefill, worth reserving)
+    compresses_at = "never"
     takes_budget = True  # every method but the full cache is built as cls(budget=b, ...)
     lossy = False  # True: differs from the full cache even when nothing is evicted (the quantizers)
     needs_probs = True  # False: observe() never reads the probabilities (attention then never builds them)

@@ -8,20 +8,17 @@ kept token c* by key cosine similarity,
     s_e = max over kept c of cos(k_e, k_c),      c*(e) = argmax
 and merged into it when s_e reaches a threshold tau tracked as an exponential moving average
     tau = mean(s) at the layer's first eviction, then tau <- alpha * tau + beta * mean(s)
-(alpha = beta = 0.5; the mean is over the call's evicted tokens of all heads, per sequence:
-each batch row has its own tau). Keys and values
-of c* become the mean of the center and its weighted members (the official code's
-scatter-mean including the center itself):
+(alpha = beta = 0.5; the mean is over the call's evicted tokens of all heads, per sequence: each
+batch row has its own tau). Keys and values of c* become the mean of the center and its
+weighted members (the official code's scatter-mean including the center itself):
     k_c <- (k_c + sum over e->c of s_e * k_e) / (1 + |{e -> c}|),   v_c likewise.
 `threshold` fixes tau instead (threshold=inf never merges: exactly H2O with its sinks).
 
-The matching is layer.nearest_center (nanokv.method.nearest_center; on the Triton backend
-fast/merge.py, no L x L matrix); the merge is a scatter-add into the centers (no one-hot matrix).
-Choices: the decision is made per head (the official code averages s_e over heads, which
-only makes sense when all heads evict the same tokens); tau is per layer and batch row, kept in
-fp32 (B floats per layer of method state).
-Not implemented: the optional per-layer budgets from attention variance (layers get the
-same budget here).
+Matching: layer.nearest_center (fast/merge.py on the Triton backend); merging: a scatter-add
+of the evicted rows into their centers. Choices: the decision is per head (the official code
+averages s_e over heads, which only makes sense when all heads evict the same tokens); tau is
+per layer and batch row, in fp32 (B floats per layer). Not implemented: the optional per-layer
+budgets from attention variance (layers get the same budget here).
 """
 
 import math
@@ -76,11 +73,14 @@ class D2O(H2O):
                 tau = torch.where(n_e > 0, tau, old)  # a row that evicts nothing keeps its tau
             self.tau[layer.index] = tau
         merge = evicted & (s >= tau[:, None, None])  # (B, H, L_e)
-        w = torch.where(merge, s, torch.zeros_like(s))  # (B, H, L) weight s_e of each merged token
-        count = 1 + torch.zeros_like(w).scatter_add_(2, center, merge.float())  # the center plus its members
-        idx = center[..., None].expand_as(k)  # every token adds w_e * k_e to its center (0 if not merged)
-        ksum = torch.zeros_like(k).scatter_add_(2, idx, w[..., None] * k)  # (B, H, L_c, D)
-        vsum = torch.zeros_like(v).scatter_add_(2, idx, w[..., None] * v)
+        m = int(evicted.sum(-1).max())  # only the evicted rows contribute: m per head (1 at a decode step)
+        e = evicted.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :m]  # (B, H, m) slots
+        w = torch.where(merge, s, torch.zeros_like(s)).gather(-1, e)  # weight s_e, 0 if not merged
+        c = center.gather(-1, e)  # (B, H, m) each one's center
+        count = 1 + torch.zeros_like(s).scatter_add_(2, c, merge.gather(-1, e).float())  # a center + its members
+        idx, rows = c[..., None].expand(*c.shape, k.size(-1)), e[..., None].expand(*e.shape, k.size(-1))
+        ksum = torch.zeros_like(k).scatter_add_(2, idx, w[..., None] * k.gather(2, rows))  # (B, H, L_c, D)
+        vsum = torch.zeros_like(v).scatter_add_(2, idx, w[..., None] * v.gather(2, rows))
         layer.set_padded("k", ((k + ksum) / count[..., None]).to(layer.dtype))
         layer.set_padded("v", ((v + vsum) / count[..., None]).to(layer.dtype))
 
