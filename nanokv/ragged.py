@@ -127,7 +127,8 @@ class Ragged:
             return t[:, :, : self._uniform_len]
         out = torch.full((self.batch, self.heads, self.max_len, *self.trailing[name]), fill,
                          dtype=t.dtype, device=t.device)
-        out[self.valid_mask()] = t
+        slots = self.valid_mask().flatten().nonzero().squeeze(1)  # (N,) each entry's padded slot
+        out.view(-1, *self.trailing[name]).index_copy_(0, slots, t)
         return out
 
     def flat(self, name: str) -> torch.Tensor:
@@ -217,8 +218,11 @@ class Ragged:
         new_dst = ((start + n_old)[:, None] + torch.arange(T, device=start.device)).flatten()
         for name, t in self.fields.items():
             out = torch.empty((int(new_len.sum()), *self.trailing[name]), dtype=t.dtype, device=t.device)
-            out[old_dst] = t
-            out[new_dst] = new[name].to(t.dtype).flatten(0, 2) if name in new else self.fills[name]
+            out.index_copy_(0, old_dst, t)
+            if name in new:
+                out.index_copy_(0, new_dst, new[name].to(t.dtype).flatten(0, 2))
+            else:
+                out.index_fill_(0, new_dst, self.fills[name])
             self.fields[name] = out
         self._set_lengths(new_len)
 
