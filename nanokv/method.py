@@ -15,7 +15,7 @@ The two base classes every compression method builds on.
 
 so after every call a head keeps at most `budget` tokens. A method overrides only the hooks it
 needs; what one hook hands the next travels as a return value, not as state on the method.
-The layer (`nanokv.cache.Layer`) is the cache's storage of one layer: padded tensors of the
+The layer (`nanokv.ragged.Layer`) is the cache's storage of one layer: padded tensors of the
 stored fields (`layer.padded("k")`, (B, H, L, D)), the method's own declared per-token fields,
 and a few declared facts (`index`, `n_seen` tokens before this piece, `n_new` in it, `dtype`).
 
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .quant import as_int
-from .ragged import KINDS, Ragged
+from .ragged import KINDS, Ragged, mask_slots
 
 
 def _check_int(name, value, low, high=None, allow_none=False):
@@ -231,8 +231,8 @@ def nearest_center(k, v, centers, rows, nonneg: bool = True, backend: str = "tor
 
         return kernel(k, v, centers, rows, nonneg)
     B, H, L, D = k.shape
-    m = int(rows.sum(-1).max())  # the asked rows only (one per head at a decode step), m per head
-    t = rows.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :m]  # (B, H, m) slots
+    t = mask_slots(rows)  # (B, H, m) the asked rows only (one per head at a decode step)
+    m = t.size(-1)
     kn = F.normalize(k.float(), dim=-1)
     sim = kn.gather(2, t[..., None].expand(B, H, m, D)) @ kn.transpose(-1, -2)  # (B, H, m, L_c)
     if v is not None:

@@ -33,6 +33,13 @@ import torch
 KINDS = ("keys", "values", "positions", "quant_meta", "method_state", "padding")
 
 
+def mask_slots(mask: torch.Tensor, m: int | None = None) -> torch.Tensor:
+    """(B, H, m) the slots where mask (B, H, L) is True, in slot order; m defaults to the most
+    any head has (a head with fewer is padded with slots where mask is False)."""
+    m = int(mask.sum(-1).max()) if m is None else m
+    return mask.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :m]
+
+
 class Ragged:
     def __init__(self, batch: int, heads: int, device, grow_by: int = 16):
         self.lengths = torch.zeros(batch, heads, dtype=torch.long, device=device)  # (B, H)
@@ -238,7 +245,7 @@ class Ragged:
         n = int(counts[0, 0]) if counts.numel() else 0
         if self.uniform and bool((counts == n).all()):  # uniform stays uniform: one gather per field
             B, H, C = self.batch, self.heads, self.capacity
-            slots = mask.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :n]  # (B, H, n), in order
+            slots = mask_slots(mask, n)  # (B, H, n), in order
             rows = (slots + C * torch.arange(B * H, device=slots.device).view(B, H, 1)).flatten()  # (B*H*n,)
             for name, t in self.fields.items():  # whole rows of each buffer viewed as (B*H*C, *trailing)
                 self.fields[name] = t.flatten(0, 2).index_select(0, rows).view(B, H, n, *self.trailing[name])

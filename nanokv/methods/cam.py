@@ -21,7 +21,7 @@ result does not depend on the batch it is in.
 
 import torch
 
-from ..method import _check_number
+from ..method import _check_number, mask_slots
 from .h2o import H2O
 
 
@@ -47,8 +47,7 @@ class CaM(H2O):
     def merge_values(self, layer, keep):
         B, H, L = keep.shape
         evicted = layer.valid_mask() & ~keep  # (B, H, L); at decode one token per head
-        m_e = int(evicted.sum(-1).max())  # work on the evicted rows only, padded to m_e per head
-        e = evicted.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :m_e]  # (B, H, m_e) slots
+        e = mask_slots(evicted)  # (B, H, m_e): work on the evicted rows only
         e_ok = evicted.gather(-1, e)
         acc = layer.padded("acc").float()  # (B, H, L) A[j]
         # W[e, j]: j is one of the next m kept tokens after e

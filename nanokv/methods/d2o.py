@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from ..method import _check_number
+from ..method import _check_number, mask_slots
 from .h2o import H2O
 
 
@@ -73,8 +73,7 @@ class D2O(H2O):
                 tau = torch.where(n_e > 0, tau, old)  # a row that evicts nothing keeps its tau
             self.tau[layer.index] = tau
         merge = evicted & (s >= tau[:, None, None])  # (B, H, L_e)
-        m = int(evicted.sum(-1).max())  # only the evicted rows contribute: m per head (1 at a decode step)
-        e = evicted.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :m]  # (B, H, m) slots
+        e = mask_slots(evicted)  # (B, H, m): only the evicted rows contribute (1 per head at a decode step)
         w = torch.where(merge, s, torch.zeros_like(s)).gather(-1, e)  # weight s_e, 0 if not merged
         c = center.gather(-1, e)  # (B, H, m) each one's center
         count = 1 + torch.zeros_like(s).scatter_add_(2, c, merge.gather(-1, e).float())  # a center + its members
