@@ -2,7 +2,7 @@
 The tensor-level API: what a nanokv method decides on *your* tensors, without nanokv's model.
 
     from nanokv.api import decide
-    d = decide("h2o", q, k, v, budget=64)      # q, k, v (B, H, T, D) of one attention layer
+    d = decide("h2o", q, k, v, budget=64)      # q (B, H, T, D), k, v (B, H_kv, T, D) of one layer
     d.kept      # (B, H, T) bool: the tokens the layer still holds after the call(s)
     d.bits      # (B, H, T) int: the bits each held token is stored at (0 = evicted)
     d.keys, d.values   # (B, H, T, D): what attention reads for each held token (merged,
@@ -13,7 +13,9 @@ Use it to check another implementation (vLLM, kvpress, a kernel) against nanokv 
 tensors: take the queries, keys and values of one layer of your model, run both, compare the
 kept sets (and merged keys, quantized tokens). Any head count and head dim; one layer at a
 time; rotary embeddings already applied to q and k (nanokv attends by the tokens' original
-positions, causally). Grouped-query layers: repeat k and v to the query heads first.
+positions, causally). Grouped-query layers: k and v with fewer heads than q (H_kv dividing H);
+the decision is then per key-value head, (B, H_kv, T), judged by the mean attention of the
+query heads of its group (the rule nanokv.hf uses on Llama, Qwen and Mistral).
 
 `decide` feeds the tensors through the very path nanokv's model uses (a one-layer KVCache:
 store, attend, the method's decision, apply it), so the decisions are nanokv's by
@@ -31,13 +33,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import KVCache
+from .cache import CacheShape, KVCache
 from .method import Method
 
 
 @dataclass
 class Decision:
-    kept: torch.Tensor  # (B, H, T) bool
+    kept: torch.Tensor  # (B, H, T) bool (H: the key-value heads)
     bits: torch.Tensor  # (B, H, T) int32, 0 where evicted
     keys: torch.Tensor  # (B, H, T, D) held keys (as attention reads them), 0 where evicted
     values: torch.Tensor  # (B, H, T, D)
@@ -49,22 +51,21 @@ class Decision:
 def decide(method, q, k, v, *, chunks=None, layer: int = 0, n_layers: int = 1, **method_kwargs) -> Decision:
     """Run `method` (a name from nanokv.METHODS built with method_kwargs, or a Method) on one
     layer's queries, keys and values (B, H, T, D), fed as `chunks` (sizes summing to T)."""
-    from gpt import GPTConfig
-
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a (B, H, T, D) tensor, got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"q, k, v must have the same (B, H, T, D) shape, got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)} (grouped-query: repeat k and v to the query heads)")
     B, H, T, D = q.shape
+    Hkv = k.size(1)
+    if k.shape != v.shape or k.shape != (B, Hkv, T, D) or H % Hkv:
+        raise ValueError(f"q must be (B, H, T, D) and k, v (B, H_kv, T, D) with H_kv dividing H, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
     chunks = [T] if chunks is None else [int(c) for c in chunks]
     if any(c < 1 for c in chunks) or sum(chunks) != T:
         raise ValueError(f"chunks must be positive sizes summing to T={T}, got {chunks}")
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer must be in [0, n_layers={n_layers}), got {layer}")
-    config = GPTConfig(block_size=T, vocab_size=1, n_layer=n_layers, n_head=H, n_embd=H * D)
+    config = CacheShape(n_layer=n_layers, n_head=H, head_dim=D, n_kv_head=Hkv, block_size=T)
     if not isinstance(method, (str, Method)):
         raise TypeError(f"method must be a name or a nanokv.Method, got {type(method).__name__}")
     cache = KVCache(config, method, **method_kwargs)

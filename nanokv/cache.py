@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import math
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,25 +42,75 @@ def reference_attention(q, k, v, q_pos, k_pos, valid=None, with_probs: bool = Tr
         out   = softmax(q k^T / sqrt(D) + mask) v      mask = -inf where k_pos > q_pos or the slot is padding
         probs = softmax(q k^T / sqrt(D) + mask)        (the scores eviction methods read)
 
-    q (B, H, T, D); k, v (B, H, L, D); q_pos (T,); k_pos (B, H, L); valid (B, H, L) bool or None.
-    Returns out (B, H, T, D) in q's dtype and probs (B, H, T, L) in fp32, or None with
-    with_probs=False. out comes from PyTorch's fused scaled_dot_product_attention for every
-    method alike (so a method that keeps everything gives exactly the full cache's output, and
-    no (B, H, T, L) matrix is built for methods that never read probabilities); probs are
-    computed explicitly, in fp32 whatever the model dtype.
+    q (B, Hq, T, D); k, v (B, H, L, D) with Hq = G * H (G = 1, or the group size of grouped-query
+    attention: query head i reads key-value head i // G); q_pos (T,); k_pos (B, H, L); valid
+    (B, H, L) bool or None. Returns out (B, Hq, T, D) in q's dtype and probs (B, H, T, L) in fp32
+    (for G > 1 the mean over the G query heads of each group: the scores a shared key-value head
+    is judged by), or None with with_probs=False. out comes from PyTorch's fused
+    scaled_dot_product_attention for every method alike (so a method that keeps everything gives
+    exactly the full cache's output, and no (B, H, T, L) matrix is built for methods that never
+    read probabilities); probs are computed explicitly, in fp32 whatever the model dtype.
     """
-    seen = None  # (B, H, T, L): True where a query may look; None: everywhere
-    if q.size(2) > 1 or valid is not None:  # a single newest query sees every stored entry
+    B, Hq, T, D = q.shape
+    H = k.size(1)
+    G = Hq // H
+    if G > 1:  # grouped-query: the G query heads of a group become G * T query rows of their key-value head
+        q, q_pos = q.reshape(B, H, G * T, D), q_pos.repeat(G)
+    seen = None  # (B, H, G * T, L): True where a query may look; None: everywhere
+    if T > 1 or valid is not None:  # a single newest query sees every stored entry
         seen = k_pos[:, :, None, :] <= q_pos[None, None, :, None]  # not later tokens
         if valid is not None:
             seen &= valid[:, :, None, :]  # nor padded slots
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=seen)
+    if G > 1:
+        out = out.reshape(B, Hq, T, D)
     if not with_probs:
         return out, None
-    att = ((q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)).float()  # (B, H, T, L)
+    att = ((q * (1.0 / math.sqrt(D))) @ k.transpose(-2, -1)).float()  # (B, H, G * T, L)
     if seen is not None:
         att.masked_fill_(~seen, float("-inf"))
-    return out, torch.softmax(att, dim=-1)
+    probs = torch.softmax(att, dim=-1)
+    return out, (probs if G == 1 else probs.view(B, H, G, T, -1).mean(dim=2))
+
+
+def group_mean(probs, G: int):
+    """Probabilities of (B, G * H, ...) query heads as (B, H, ...): the mean over each group (the
+    grouped-query rule, as reference_attention), for a tensor or the Triton kernel's ProbStats."""
+    if G == 1 or probs is None:
+        return probs
+    if isinstance(probs, torch.Tensor):
+        return probs.unflatten(1, (-1, G)).mean(dim=2)
+    return type(probs)(group_mean(probs.colsum, G), group_mean(probs.rows, G), probs.T)
+
+
+@dataclass
+class CacheShape:
+    """What a KVCache needs to know of a model that is not nanokv's GPT (GPTConfig has the same
+    fields): n_layer layers of n_head query heads of head_dim, n_kv_head key-value heads
+    (grouped-query attention when fewer than n_head), and, for a rotary model, its frequencies
+    inv_freq (D/2,) (keys then arrive rotated; StreamingLLM's reposition re-rotates them)."""
+
+    n_layer: int
+    n_head: int
+    head_dim: int
+    n_kv_head: int | None = None  # None: n_head (multi-head attention)
+    block_size: int | None = None  # longest sequence the model was trained on (None: not known)
+    inv_freq: torch.Tensor | None = None
+    name: str = "model"
+
+    def __post_init__(self):
+        for field in ("n_layer", "n_head", "head_dim"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{field} must be an int >= 1, got {value!r}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if not isinstance(self.n_kv_head, int) or self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head must divide n_head ({self.n_head}), got {self.n_kv_head!r}")
+
+    @property
+    def n_embd(self) -> int:  # what the methods read the head dim from: n_embd // n_head
+        return self.n_head * self.head_dim
 
 
 def _check_index(name: str, value: int, n: int):
@@ -69,14 +120,15 @@ def _check_index(name: str, value: int, n: int):
 
 class KVCache:
     def __init__(self, config, method="full", backend: str = "torch", grow_by: int = 16, **method_kwargs):
-        """config: the model's GPTConfig. method: a name from nanokv.METHODS (built with
+        """config: the model's GPTConfig, or a CacheShape for another model (grouped-query and
+        rotary models: nanokv.hf builds it). method: a name from nanokv.METHODS (built with
         method_kwargs) or a Method instance. backend: "torch" (the reference) or "triton".
         grow_by: when a layer's heads all hold the same number of tokens, its buffers grow
         by this many token slots at a time (spare slots are reported as padding; 1 = none)."""
         from .method import Method
 
         if not hasattr(config, "n_layer") or not hasattr(config, "n_head"):
-            raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+            raise TypeError(f"config must be a GPTConfig or a CacheShape, got {type(config).__name__}")
         if backend not in BACKENDS:
             hint = ""
             if not isinstance(backend, str):
@@ -102,6 +154,8 @@ class KVCache:
             require_triton()  # a clear error where Triton cannot run (no GPU and no interpreter)
         method.check_config(config)
         self.config = config
+        self.n_kv_head = getattr(config, "n_kv_head", None) or config.n_head  # heads stored (fewer: grouped-query)
+        self.head_dim = config.n_embd // config.n_head
         self.method = method
         self.backend = backend
         self.grow_by = grow_by
@@ -117,6 +171,10 @@ class KVCache:
         """Number of tokens seen so far (kept or not); the position of the next token."""
         return 0 if self.layers is None else self.layers[-1].n_seen
 
+    def seq_len_of(self, layer_idx: int) -> int:
+        """Tokens layer `layer_idx` has seen (during a forward pass, earlier layers are one call ahead)."""
+        return 0 if self.layers is None else self.layers[layer_idx].n_seen
+
     def bind(self, model):
         """Tie this cache to the model that first uses it (GPT.forward calls this): its keys and
         values mean nothing to another model, even one with the same config."""
@@ -131,24 +189,29 @@ class KVCache:
         if torch.is_grad_enabled():  # the cache never holds an autograd graph (it would grow every step,
             q, k, v = q.detach(), k.detach(), v.detach()  # and clone() could not copy it); no gradient flows through it
         B, H, T, D = q.shape
-        if (H, D) != (self.config.n_head, self.config.n_embd // self.config.n_head):
+        if (H, D) != (self.config.n_head, self.head_dim):
             raise ValueError(
                 f"q has {H} heads of dim {D}; this cache was built for a config with "
-                f"{self.config.n_head} heads of dim {self.config.n_embd // self.config.n_head}"
+                f"{self.config.n_head} heads of dim {self.head_dim}"
             )
-        if k.shape != q.shape or v.shape != q.shape:
-            raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        kv_shape = (B, self.n_kv_head, T, D)
+        if k.shape != kv_shape or v.shape != kv_shape:
+            raise ValueError(f"k and v must be {kv_shape} ({self.n_kv_head} key-value heads) for q {tuple(q.shape)}, "
+                             f"got {tuple(k.shape)}, {tuple(v.shape)}")
         if self.layers is None:
             self._start(B, q.dtype, q.device)
         _check_index("layer_idx", layer_idx, self.config.n_layer)
+        layer = self.layers[layer_idx]
         if B != self.batch_size:
             raise ValueError(f"batch size {B} differs from this cache's batch size {self.batch_size}; "
                              "use a fresh cache (or cache.reset()) for another batch")
         if q.dtype != self.dtype:
             raise TypeError(f"dtype {q.dtype} differs from this cache's dtype {self.dtype}")
-        if q.device != self.device:
-            raise ValueError(f"device {q.device} differs from this cache's device {self.device}")
-        return self._pipeline(self.layers[layer_idx], q, k, v)
+        if q.device != layer.lengths.device:  # a model split over devices: a layer lives where it first ran
+            if layer.n_seen:
+                raise ValueError(f"layer {layer_idx} got {q.device} tensors; its cache lives on {layer.lengths.device}")
+            layer = self.layers[layer_idx] = self._new_layer(layer_idx, q.device)
+        return self._pipeline(layer, q, k, v)
 
     def _pipeline(self, layer: Layer, q, k, v):
         """The one flow every method goes through (nanokv/method.py names the hooks): store the
@@ -185,7 +248,7 @@ class KVCache:
             if with_probs:
                 L = sum(p[0].size(2) for p in parts)
                 self.peak_scores_bytes = max(self.peak_scores_bytes, q.size(0) * q.size(1) * q.size(2) * L * 4)
-        if self.backend == "triton" and q.size(2) == 1:  # packed low-bit parts: fast/decode_quant.py
+        if self.backend == "triton" and q.size(2) == 1 and self.n_kv_head == self.config.n_head:  # packed low-bit parts: fast/decode_quant.py
             routed = self._decode_quant(q, parts)
             if routed is not None:
                 return routed
@@ -199,17 +262,22 @@ class KVCache:
             if any(p[3] is not None for p in parts):
                 valid = torch.cat([torch.ones_like(p[2], dtype=torch.bool) if p[3] is None else p[3]
                                    for p in parts], dim=2)
-        if self.backend == "triton" and q.size(2) == 1:  # decode: fast/decode.py, same contract
-            from fast.decode import decode_attention
-
-            return decode_attention(q, k, v, valid)
         rows = self.method.probs_rows
-        if self.backend == "triton" and (not with_probs or rows is not None):  # fast/prefill.py
-            from fast.prefill import ProbStats, prefill_attention
+        if self.backend == "triton" and (q.size(2) == 1 or not with_probs or rows is not None):
+            G = q.size(1) // k.size(1)
+            if G > 1:  # grouped-query: the kernels read one key-value head per query head (a temporary copy)
+                k, v, k_pos = (t.repeat_interleave(G, dim=1) for t in (k, v, k_pos))
+                valid = None if valid is None else valid.repeat_interleave(G, dim=1)
+            if q.size(2) == 1:  # decode: fast/decode.py, same contract
+                from fast.decode import decode_attention
+
+                out, probs = decode_attention(q, k, v, valid)
+                return out, group_mean(probs, G)
+            from fast.prefill import ProbStats, prefill_attention  # fast/prefill.py
 
             out, colsum, _, last = prefill_attention(q, k, v, q_pos, k_pos, valid, min(rows or 0, q.size(2)))
             # the method reads column sums and the last rows only: no (B, H, T, L) matrix is built
-            return out, ProbStats(colsum, last, q.size(2)) if with_probs else None
+            return out, group_mean(ProbStats(colsum, last, q.size(2)), G) if with_probs else None
         return reference_attention(q, k, v, q_pos, k_pos, valid, with_probs)
 
     def reserve(self, new_tokens: int):
@@ -263,17 +331,20 @@ class KVCache:
                 raise ValueError(f"backend='triton' got {device} tensors: the kernels run on a CUDA GPU, or on the "
                                  "CPU only under TRITON_INTERPRET=1 (tests); use backend='torch' on a CPU")
         self.batch_size, self.dtype, self.device = batch, dtype, device
-        c = self.config
-        self.layers = []
-        for i in range(c.n_layer):
-            layer = Layer(batch, c.n_head, device, self.grow_by, index=i, dtype=dtype)
-            layer.add_field("k", "keys", (c.n_embd // c.n_head,), dtype)
-            layer.add_field("v", "values", (c.n_embd // c.n_head,), dtype)
-            layer.add_field("pos", "positions", (), torch.int32)
-            self.method.init_layer(layer, i)
-            for store in (layer, *layer.segments.values()):  # kernels: fast/quant.py, fast/merge.py
-                store.backend = self.backend
-            self.layers.append(layer)
+        self.layers = [self._new_layer(i, device) for i in range(self.config.n_layer)]
+
+    def _new_layer(self, i: int, device) -> Layer:
+        c, D = self.config, self.head_dim
+        inv_freq = getattr(c, "inv_freq", None)
+        layer = Layer(self.batch_size, self.n_kv_head, device, self.grow_by, index=i, dtype=self.dtype,
+                      group=c.n_head // self.n_kv_head, inv_freq=None if inv_freq is None else inv_freq.to(device))
+        layer.add_field("k", "keys", (D,), self.dtype)
+        layer.add_field("v", "values", (D,), self.dtype)
+        layer.add_field("pos", "positions", (), torch.int32)
+        self.method.init_layer(layer, i)
+        for store in (layer, *layer.segments.values()):  # kernels: fast/quant.py, fast/merge.py
+            store.backend = self.backend
+        return layer
 
     # ------------------------------------------------------------------ introspection
     def memory_breakdown(self) -> dict[str, int]:
@@ -295,7 +366,7 @@ class KVCache:
     def compression_report(self) -> dict:
         """Size of what the cache holds next to a full cache of the same tokens.
 
-        elements        keys + values a full cache would hold: 2 * n_layer * B * H * seq_len * D
+        elements        keys + values a full cache would hold: 2 * n_layer * B * H_kv * seq_len * D
         kv_bytes        keys + values + quantization metadata actually held
         bits_per_element  8 * kv_bytes / elements
         fraction_of_full  kv_bytes / (elements * bytes of the model dtype)
@@ -304,7 +375,7 @@ class KVCache:
         """
         b = self.memory_breakdown()
         c = self.config
-        elements = 2 * c.n_layer * (self.batch_size if self.layers else 0) * c.n_head * self.seq_len * (c.n_embd // c.n_head)
+        elements = 2 * c.n_layer * (self.batch_size if self.layers else 0) * self.n_kv_head * self.seq_len * self.head_dim
         kv = b["keys"] + b["values"] + b["quant_meta"]
         dtype_bytes = torch.finfo(self.dtype).bits // 8 if self.layers else 2
         return {"elements": elements, "kv_bytes": kv,
@@ -326,7 +397,8 @@ class KVCache:
         return sum(st.lengths * math.prod(st.trailing["pos"]) for st in self._stores_with_positions(layer_idx))
 
     def kept_positions(self, layer_idx: int, batch: int = 0, head: int = 0) -> torch.Tensor:
-        """Original positions of the tokens kept by one (layer, batch row, head), sorted."""
+        """Original positions of the tokens kept by one (layer, batch row, head), sorted; `head`
+        counts key-value heads (grouped-query: the heads stored, fewer than the query heads)."""
         return self.kept_precision(layer_idx, batch, head)[0]
 
     def kept_precision(self, layer_idx: int, batch: int = 0, head: int = 0):
@@ -334,7 +406,7 @@ class KVCache:
         storage precision of each (the model dtype's bits for full-precision entries)."""
         self._check_started()
         _check_index("batch", batch, self.batch_size)
-        _check_index("head", head, self.config.n_head)
+        _check_index("head", head, self.n_kv_head)
         full_bits = torch.finfo(self.dtype).bits
         pos, bits = [], []
         for st in self._stores_with_positions(layer_idx):

@@ -274,10 +274,13 @@ class Layer(Ragged):
     """One layer of a cache: its main store plus the facts the cache declares for methods.
     Methods read these; only the cache writes them."""
 
-    def __init__(self, batch: int, heads: int, device, grow_by: int, index: int, dtype: torch.dtype):
+    def __init__(self, batch: int, heads: int, device, grow_by: int, index: int, dtype: torch.dtype,
+                 group: int = 1, inv_freq: torch.Tensor | None = None):
         super().__init__(batch, heads, device, grow_by)
         self.index = index  # the layer's number in the model
         self.dtype = dtype  # the model's dtype (keys and values are read back in it)
+        self.group = group  # query heads per stored (key-value) head: 1, or G for grouped-query attention
+        self.inv_freq = inv_freq  # (D/2,) rotary frequencies of a rotary model (keys arrive rotated), else None
         self.n_seen = 0  # tokens this layer saw before the current piece (kept or not)
         self.n_new = 0  # tokens in the current piece
         self.segments: dict[str, Ragged] = {}  # further stores a method adds (low-bit tiers, residuals)

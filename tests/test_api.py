@@ -99,8 +99,10 @@ def test_quantizer_codes_by_hand(big_layer):
 
 def test_decide_checks_its_input(big_layer):
     q, k, v = big_layer
-    with pytest.raises(ValueError, match="same"):
-        decide("h2o", q, k[:, :8], v[:, :8], budget=8)
+    with pytest.raises(ValueError, match="H_kv dividing H"):
+        decide("h2o", q, k[:, :5], v[:, :5], budget=8)  # 5 key-value heads cannot serve 32 query heads
+    with pytest.raises(ValueError, match="H_kv dividing H"):
+        decide("h2o", q, k[:, :, :8], v[:, :, :8], budget=8)
     with pytest.raises(ValueError, match="chunks"):
         decide("h2o", q, k, v, budget=8, chunks=[10, 10])
     with pytest.raises(ValueError, match="layer"):

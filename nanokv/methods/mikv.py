@@ -13,6 +13,7 @@ them in low precision. Nothing is ever dropped.
 Outlier-aware query/key channel balancer [balancer True]: at prefill, per layer, batch row,
 head and channel c, over the prompt (at least the first `calibrate` tokens [32]),
     b_c = sqrt(max_t |Q[t, c]| / max_t |K[t, c]|)
+(grouped-query attention: the max over Q runs over the query heads that share the key head)
 keys are stored multiplied by b (before quantization) and every query is divided by b, so
 q . k is unchanged in exact arithmetic while the keys' outlier channels shrink. With the
 balancer on the low-precision group size is head_dim / 2 (the paper's choice); without it,
@@ -100,8 +101,8 @@ class MiKV(Method):
         if self.balancer and layer.index not in self.scales:
             self.calibrate_balancer(layer, q, k, n_seen=layer.n_seen + q.size(2))
         if self.balancer and layer.index in self.scales:
-            b = self.scales[layer.index]
-            q, k = (q.float() / b).to(q.dtype), (k.float() * b).to(k.dtype)
+            b = self.scales[layer.index]  # (B, H, 1, D) per key-value head; its G query heads share it
+            q, k = (q.float() / b.repeat_interleave(layer.group, dim=1)).to(q.dtype), (k.float() * b).to(k.dtype)
         return q, k
 
     def store(self, layer, k, v, pos):  # new tokens enter the high tier (F starts at 0)
@@ -119,6 +120,7 @@ class MiKV(Method):
         """Track max |q| and max |k| per channel; once `calibrate` tokens are seen, fix the balance
         factors and rescale the keys already held (all in the high-precision tier)."""
         mq, mk = q.float().abs().amax(dim=2, keepdim=True), k.float().abs().amax(dim=2, keepdim=True)
+        mq = mq.unflatten(1, (-1, layer.group)).amax(dim=2)  # grouped-query: the max over a group's query heads
         if layer.index in self._maxima:
             old_q, old_k = self._maxima[layer.index]
             mq, mk = torch.maximum(mq, old_q), torch.maximum(mk, old_k)

@@ -40,6 +40,8 @@ class Quantized(Method):
             raise TypeError("inner must be a method name (with its keyword arguments) or a Method instance")
         else:
             method = inner
+        if getattr(method, "reposition", False):  # its keys would be read back unturned
+            raise ValueError("quantized storage cannot hold StreamingLLM's repositioned keys (reposition=True)")
         bits = check_bits(bits)
         group = check_group_saves(bits, group)
         self.inner, self.bits, self.group = method, bits, group
