@@ -335,9 +335,8 @@ class KVCache:
 
     def _new_layer(self, i: int, device) -> Layer:
         c, D = self.config, self.head_dim
-        inv_freq = getattr(c, "inv_freq", None)
         layer = Layer(self.batch_size, self.n_kv_head, device, self.grow_by, index=i, dtype=self.dtype,
-                      group=c.n_head // self.n_kv_head, inv_freq=None if inv_freq is None else inv_freq.to(device))
+                      group=c.n_head // self.n_kv_head, inv_freq=getattr(c, "inv_freq", None))
         layer.add_field("k", "keys", (D,), self.dtype)
         layer.add_field("v", "values", (D,), self.dtype)
         layer.add_field("pos", "positions", (), torch.int32)

@@ -45,7 +45,9 @@ ATTENTION = "nanokv"  # the attention implementation attach() registers
 FIXED_ROPE = ("default", "linear", "llama3", "yarn")  # rope types whose frequencies do not depend on the length
 
 _handoff: list = [None]  # (key tensor, HFCache) from the last update(): the attention function claims it
+_calling: list = [None]  # the attention module of an attached model now running (a forward pre-hook sets it)
 _previous = weakref.WeakKeyDictionary()  # model -> its attention implementation before attach()
+_hooked = weakref.WeakSet()  # models whose attention modules carry the pre-hook
 
 try:
     from transformers.cache_utils import Cache, CacheLayerMixin
@@ -94,6 +96,10 @@ def attach(model, method="full", backend: str = "torch", **method_kwargs) -> "HF
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     cache = HFCache(model, method, backend, **method_kwargs)  # checks the model first
+    if model not in _hooked:  # so that update() knows which model's layer hands it keys
+        for module in describe(model)[1]:
+            module.register_forward_pre_hook(lambda module, args: _calling.__setitem__(0, module))
+        _hooked.add(model)
     AttentionInterface.register(ATTENTION, attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
     current = model.config._attn_implementation
@@ -136,8 +142,8 @@ class _Slot(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        self.cache.check_model()
-        _handoff[0] = (key_states, self.cache)
+        self.cache.check_caller(_calling[0], self.index)
+        _calling[0], _handoff[0] = None, (key_states, self.cache)
         self.is_initialized = True
         return key_states, value_states
 
@@ -168,7 +174,12 @@ class HFCache(Cache):
         super().__init__(layers=[_Slot(self, i) for i in range(self.shape.n_layer)])
 
     # ------------------------------------------------------------------ the call
-    def check_model(self):
+    def check_caller(self, module, layer_idx: int):
+        """Refuse keys from a model this cache was not attached to, or one that stopped attending
+        through nanokv: it would read only the newest keys, a silently wrong answer."""
+        if module not in self._modules or module.layer_idx != layer_idx:
+            raise ValueError("this cache was attached to another model (its keys mean nothing to this one): "
+                             "cache = nanokv.hf.attach(this_model, ...)")
         model = self._model()
         if model is not None and model.config._attn_implementation != ATTENTION:
             raise ValueError(f"the model attends with {model.config._attn_implementation!r}, which would read only "
@@ -177,20 +188,17 @@ class HFCache(Cache):
 
     def attend(self, module, q, k, v, attention_mask, scaling, dropout, position_ids):
         """q (B, Hq, T, D), k and v (B, Hkv, T, D) of one layer's new tokens -> (B, T, Hq, D)."""
-        if module not in self._modules:
-            raise ValueError("this cache was attached to another model (its keys mean nothing to this one): "
-                             "cache = nanokv.hf.attach(this_model, ...)")
         if dropout:
             raise ValueError("attention dropout is on: nanokv's cache is for inference, call model.eval()")
         i, T = module.layer_idx, q.size(2)
         seen = self.kv.seq_len_of(i)
+        if self.window is not None and seen + T > self.window:
+            raise ValueError(f"this model attends within a sliding window of {self.window} tokens; nanokv.hf "
+                             f"supports it up to the window only ({seen + T} tokens)")
         if attention_mask is not None and not bool(attention_mask[..., -1, :].all()):
             # the last query of a purely causal mask sees every key; one that does not meets padding
             raise ValueError("a padded batch (prompts of different lengths, attention_mask with zeros): nanokv's "
                              "cache needs rows of equal length; run such prompts one at a time")
-        if self.window is not None and seen + T > self.window:
-            raise ValueError(f"this model attends within a sliding window of {self.window} tokens; nanokv.hf "
-                             f"supports it up to the window only ({seen + T} tokens)")
         D = q.size(-1)
         if scaling is not None and scaling != D ** -0.5:  # nanokv attends with 1/sqrt(D): fold the rest into q
             q = q * (scaling * math.sqrt(D))

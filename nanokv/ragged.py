@@ -280,7 +280,7 @@ class Layer(Ragged):
         self.index = index  # the layer's number in the model
         self.dtype = dtype  # the model's dtype (keys and values are read back in it)
         self.group = group  # query heads per stored (key-value) head: 1, or G for grouped-query attention
-        self.inv_freq = inv_freq  # (D/2,) rotary frequencies of a rotary model (keys arrive rotated), else None
+        self.inv_freq = inv_freq  # (D/2,) the model's rotary frequencies (keys arrive rotated), else None; not cache memory
         self.n_seen = 0  # tokens this layer saw before the current piece (kept or not)
         self.n_new = 0  # tokens in the current piece
         self.segments: dict[str, Ragged] = {}  # further stores a method adds (low-bit tiers, residuals)

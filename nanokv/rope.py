@@ -19,7 +19,7 @@ import torch
 def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """x (..., L, D) rotated at some positions; delta (..., L) integer offsets broadcastable to
     x's leading dims; inv_freq (D/2,). Returns x rotated at those positions + delta, in x's dtype."""
-    angle = delta.to(torch.float32)[..., None] * inv_freq.to(torch.float32)  # (..., L, D/2)
+    angle = delta.to(torch.float32)[..., None] * inv_freq.to(x.device, torch.float32)  # (..., L, D/2)
     cos = torch.cat([torch.cos(angle)] * 2, dim=-1)  # (..., L, D): each pair's angle, for both channels
     sin = torch.cat([torch.sin(angle)] * 2, dim=-1)
     xf = x.float()

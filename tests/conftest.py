@@ -80,5 +80,6 @@ def walk_tensor_bytes(obj, seen=None):
     if isinstance(obj, (list, tuple, set)):
         return sum(walk_tensor_bytes(v, seen) for v in obj)
     if hasattr(obj, "__dict__") and not isinstance(obj, type):
-        return sum(walk_tensor_bytes(v, seen) for k, v in vars(obj).items() if k != "config")
+        # not the cache's: the model config, and a rotary model's frequency table (shared, read-only)
+        return sum(walk_tensor_bytes(v, seen) for k, v in vars(obj).items() if k not in ("config", "inv_freq"))
     return 0
