@@ -6,6 +6,8 @@ GPT-2 `generate` on the same randomly initialised weights, on this machine's CPU
     python bench.py --sizes tiny --new 64
     python bench.py --methods --threads 1   # every method's decode step against the full cache's, at
                                             # GPT-2 124M's shape and on the tiny model; rooflines
+    python bench.py --hf --threads 1        # nanokv.hf's full cache against transformers' DynamicCache on
+                                            # a tiny random Llama, and every method's step and memory beside
 
 Everything is measured side by side in one run and printed as ratios. Also printed: the
 memory-bandwidth roofline (bytes a decode step must read / bandwidth measured here) and the
@@ -220,6 +222,68 @@ def bench_methods(budget_frac: float, prompt_len: int, n_new: int, repeats: int,
     return rows
 
 
+def bench_hf(prompt_len: int, steps: int, repeats: int, budget_frac: float):
+    """The decode step through nanokv.hf against transformers' own DynamicCache on a tiny random
+    grouped-query Llama (CPU, fp32), side by side, prefill excluded; then every method's step and
+    the bytes its cache holds, at `budget_frac` of the prompt."""
+    import copy
+
+    import transformers
+
+    import nanokv.hf
+    from nanokv import METHODS
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    model = transformers.LlamaForCausalLM(config).eval()
+    prompt = torch.randint(0, 1000, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    budget = max(1, round(budget_frac * prompt_len))
+
+    def prefilled(cache):
+        with torch.no_grad():
+            return cache, model(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+
+    def timed(cache, first, clone):
+        def run():
+            c, tok = clone(cache), first
+            t = time.perf_counter()
+            with torch.no_grad():
+                for _ in range(steps):
+                    tok = model(tok, past_key_values=c).logits[:, -1:].argmax(-1)
+            return (time.perf_counter() - t) / steps
+        return run
+
+    names = ["full"] + [n for n in METHODS if n != "full"]
+    contenders = [timed(*prefilled(transformers.DynamicCache(config=config)), copy.deepcopy)]
+    caches = []
+    for name in names:
+        cls = METHODS[name]
+        cache, first = prefilled(nanokv.hf.attach(model, cls.scaled(budget) if cls.takes_budget else cls()))
+        caches.append(cache)
+        contenders.append(timed(cache, first, lambda c: c.clone()))
+    for run in contenders:  # warm-up
+        run()
+    best = [float("inf")] * len(contenders)
+    for _ in range(repeats):  # the contenders take turns; each run returns its time per step
+        for i, run in enumerate(contenders):
+            best[i] = min(best[i], run())
+    dyn, full = best[0], best[1]
+    print(f"\nnanokv.hf on a random Llama (4 layers, 4 query heads, 2 key-value heads, head dim 32), fp32, prompt "
+          f"{prompt_len}, {steps} decode steps after the prefill, best of {repeats}, budget {budget} where one is taken")
+    print(f"  transformers DynamicCache  {1e3 * dyn:7.3f} ms/step")
+    print(f"  nanokv.hf full             {1e3 * full:7.3f} ms/step   {full / dyn:5.2f}x DynamicCache")
+    print(f"{'method':14} {'ms/step':>8} {'vs full':>8} {'vs Dynamic':>11} {'bytes held':>11} {'vs full':>8}")
+    full_bytes = caches[0].memory_bytes()
+    rows = []
+    for name, t, cache in zip(names, best[1:], caches):
+        rows.append({"method": name, "step_ms": 1e3 * t, "vs_full": t / full, "vs_dynamic": t / dyn,
+                     "bytes": cache.memory_bytes()})
+        print(f"{name:14} {1e3 * t:8.3f} {t / full:7.2f}x {t / dyn:10.2f}x {cache.memory_bytes():11d} "
+              f"{cache.memory_bytes() / full_bytes:7.2f}x")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="decode speed: nanokv GPT vs transformers GPT-2", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sizes", default="gpt2,tiny", help=f"comma list from {list(SIZES)}")
@@ -228,7 +292,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="best of this many runs")
     p.add_argument("--threads", type=int, default=0, help="torch threads for both (0 = default)")
     p.add_argument("--methods", action="store_true", help="every method's decode step at GPT-2 124M's shape and on the tiny model instead")
-    p.add_argument("--budget", type=float, default=0.25, help="with --methods: budget as a fraction of the prompt")
+    p.add_argument("--budget", type=float, default=0.25, help="with --methods or --hf: budget as a fraction of the prompt")
+    p.add_argument("--hf", action="store_true", help="nanokv.hf's full cache against transformers' DynamicCache on a tiny random Llama, every method beside")
     args = p.parse_args(argv)
     sizes = args.sizes.split(",")
     for s in sizes:
@@ -240,6 +305,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     bw = measure_bandwidth()
     print(f"threads: {torch.get_num_threads()}   measured read bandwidth: {bw / 1e9:.1f} GB/s")
+    if args.hf:
+        return bench_hf(args.prompt, 32, args.repeats, args.budget)
     if args.methods:
         return bench_methods(args.budget, min(args.prompt, 448), min(args.new, 64), args.repeats, bw)
     print(f"prompt {args.prompt} tokens, {args.new} new tokens, greedy, fp32, best of {args.repeats}\n")

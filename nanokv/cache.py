@@ -55,10 +55,10 @@ def reference_attention(q, k, v, q_pos, k_pos, valid=None, with_probs: bool = Tr
     H = k.size(1)
     G = Hq // H
     if G > 1:  # grouped-query: the G query heads of a group become G * T query rows of their key-value head
-        q, q_pos = q.reshape(B, H, G * T, D), q_pos.repeat(G)
+        q = q.reshape(B, H, G * T, D)
     seen = None  # (B, H, G * T, L): True where a query may look; None: everywhere
     if T > 1 or valid is not None:  # a single newest query sees every stored entry
-        seen = k_pos[:, :, None, :] <= q_pos[None, None, :, None]  # not later tokens
+        seen = k_pos[:, :, None, :] <= (q_pos if G == 1 else q_pos.repeat(G))[None, None, :, None]  # not later tokens
         if valid is not None:
             seen &= valid[:, :, None, :]  # nor padded slots
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=seen)
