@@ -4,6 +4,7 @@ Evaluate KV-cache methods on the same work: retrieval, perplexity, attention los
     python -m nanokv.eval                                   # quick comparison, tiny model, < 3 min
     python -m nanokv.eval --methods h2o,snapkv,ems --budgets 2%,5%,10% --tasks passkey --samples 50
     python -m nanokv.eval --methods "mikv(bits_lo=3),mikv(balancer=False)" --tasks lines
+    python -m nanokv.eval --model hf:Qwen/Qwen2.5-0.5B --context 1024 --tasks passkey,ppl   # any transformers LM
 
 Tasks (every row names its protocol)
   passkey      needle-in-a-haystack exact match at the model's full context, needle at any depth
@@ -112,12 +113,19 @@ def split_methods(text: str) -> list[str]:
     return [m for m in out + [cur] if m.strip()]
 
 
-def make_factory(config, name: str, budget: int | None, **kwargs):
-    """A function returning a fresh KVCache for `name` at `budget`."""
+def new_cache(model, method):
+    """A fresh cache: a KVCache for nanokv's GPT (or its config), an HFCache for a transformers
+    model (nanokv.hf.CausalLM)."""
+    return model.new_cache(method) if hasattr(model, "new_cache") else KVCache(getattr(model, "config", model), method)
+
+
+def make_factory(model, name: str, budget: int | None, **kwargs):
+    """A function returning a fresh cache for `name` at `budget`; model: nanokv's GPT or its
+    config, or a nanokv.hf.CausalLM."""
     cls = METHODS[name]
 
     def factory():
-        return KVCache(config, cls.scaled(budget, **kwargs) if cls.takes_budget else cls(**kwargs))
+        return new_cache(model, cls.scaled(budget, **kwargs) if cls.takes_budget else cls(**kwargs))
 
     try:
         factory()  # fail now, not in the middle of a run, if the parameters do not fit
@@ -209,11 +217,11 @@ def memory(model, factory, seq: torch.Tensor) -> dict:
     bytes it held during the prefill (new tokens stored, not yet compressed) as a fraction of
     the full cache's bytes, and the largest fp32 score matrix the reference attention built."""
     dev = next(model.parameters()).device
-    caches = {"method": factory(), "full": KVCache(model.config, "full")}
+    caches = {"method": factory(), "full": new_cache(model, "full")}
     for c in caches.values():
-        c.track_peak = True
+        getattr(c, "kv", c).track_peak = True  # an HFCache's nanokv cache is its .kv
         model(seq[None, :-1].to(dev), cache=c, last_logits_only=True)
-    cache, full = caches["method"], caches["full"]
+    cache, full = (getattr(c, "kv", c) for c in (caches["method"], caches["full"]))
     return {**cache.compression_report(), "peak_bytes": cache.peak_bytes,
             "peak_fraction": cache.peak_bytes / full.memory_bytes(), "scores_bytes": cache.peak_scores_bytes}
 
@@ -241,14 +249,24 @@ def run(args) -> tuple[list[dict], list[dict]]:
     from gpt import GPT
 
     torch.manual_seed(args.seed)
-    model = GPT.from_pretrained(args.model)
+    if args.model.startswith("hf:"):  # a transformers model with its own tokenizer (nanokv.hf)
+        from .hf import load
+
+        model = load(args.model[3:], context=getattr(args, "context", None))
+        if set(args.tasks) & {"attn", "persistence"}:
+            raise ValueError("tasks attn and persistence read nanokv's GPT (its attention maps); with --model hf:... "
+                             "use passkey, lines, needle, ppl")
+    else:
+        model = GPT.from_pretrained(args.model)
+        if getattr(args, "context", None):
+            raise ValueError("--context is for --model hf:... (nanokv's GPT evaluates at its block size)")
     if getattr(args, "gpt2_dir", None):
         model.tokenizer_dir = args.gpt2_dir  # GPT-2's tokenizer files, offline
     model.eval()
     context = model.config.block_size
     plan = plan_of(args, context)  # budgets checked against the context before any work
     # every method built once before any work (a typo fails first, with the method named)
-    factories = [make_factory(model.config, name, budget, **kwargs) for _, name, kwargs, budget in plan]
+    factories = [make_factory(model, name, budget, **kwargs) for _, name, kwargs, budget in plan]
     text = file_text(args.text, "val") if args.text else builtin_text("val")
     length = context - 1
     wins = windows(model, text, length, args.windows, args.seed)
@@ -282,7 +300,7 @@ def run(args) -> tuple[list[dict], list[dict]]:
                 got, grid = [], []
                 for (n, d) in cells:
                     cell_budget = None if budget is None else max(1, round(budget / context * n))
-                    cell_factory = make_factory(model.config, name, cell_budget, **kwargs)
+                    cell_factory = make_factory(model, name, cell_budget, **kwargs)
                     hits = retrieval(model, eps["needle"][(n, d)], cell_factory, args.protocol == "agnostic")
                     got += hits
                     grid.append(sum(h["correct"] for h in hits) / len(hits))
@@ -329,7 +347,10 @@ def summary_table(rows) -> str:
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="compare KV-cache methods on retrieval, perplexity, attention and memory",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="nanokv-tiny", help="checkpoint, HF directory or name")
+    p.add_argument("--model", default="nanokv-tiny", help="checkpoint, GPT-2 directory or name; hf:NAME_OR_DIR for "
+                   "any transformers Llama, Qwen, Mistral or GPT-2 with its own tokenizer (nanokv.hf)")
+    p.add_argument("--context", type=int, help="with --model hf:...: context length of the episodes and windows "
+                   "(default: the model's, at most 2048)")
     p.add_argument("--methods", default="full,streamingllm,h2o,tova,scissorhands,snapkv,pyramidkv,adakv,knorm,"
                    "rtn,kivi,mikv,quantized,cam,d2o,ems", help="comma-separated method specs, e.g. mikv(bits_lo=3)")
     p.add_argument("--budgets", default="20%", help="tokens or %% of the context, comma-separated")

@@ -262,3 +262,66 @@ class HFCache(Cache):
 
     def __repr__(self):
         return f"HFCache({self.shape.name}, {self.kv!r})"
+
+
+# ---------------------------------------------------------------------- the evaluation's view of a model
+class CausalLM:
+    """A transformers causal LM and its tokenizer behind the interface nanokv's evaluation uses
+    (python -m nanokv.eval --model hf:NAME_OR_DIR): model(ids, cache=..., last_logits_only=...)
+    -> (logits, None), .tokenizer.encode/decode, .config (a CacheShape whose block_size is the
+    context the evaluation uses), new_cache(method)."""
+
+    def __init__(self, model, tokenizer, context: int | None = None):
+        self.hf = model.eval()
+        self.config, _, window = describe(model)
+        limit = min(self.config.block_size or 2048, window or 2048, 2048)
+        if context is not None and not 16 <= context <= (self.config.block_size or context):
+            raise ValueError(f"context must be in [16, {self.config.block_size}] for this model, got {context}")
+        self.config.block_size = context or limit  # a CPU-sized default: at most 2048 tokens
+        self.tokenizer = _Tokenizer(tokenizer)
+        self.tokenizer_name = getattr(tokenizer, "name_or_path", "hf")
+
+    def __call__(self, idx, cache=None, last_logits_only: bool = False):
+        out = self.hf(idx, past_key_values=cache, use_cache=cache is not None, logits_to_keep=1 if last_logits_only else 0)
+        return out.logits, None
+
+    def new_cache(self, method) -> HFCache:
+        return attach(self.hf, method)
+
+    def parameters(self):
+        return self.hf.parameters()
+
+    def eval(self):
+        return self
+
+
+class _Tokenizer:
+    """encode (no special tokens) and decode, as nanokv's tokenizers."""
+
+    name = "hf"
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids))
+
+
+def load(name_or_dir: str, context: int | None = None, dtype=torch.float32) -> CausalLM:
+    """A transformers causal LM with its own tokenizer: a local save_pretrained directory
+    (offline) or a Hub name (downloaded, or from the local Hugging Face cache)."""
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = os.path.isdir(name_or_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_dir, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype, local_files_only=local)
+    except OSError as e:
+        raise OSError(f"cannot load {name_or_dir!r} with its tokenizer ({e}); offline, pass a directory written by "
+                      "model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR)") from e
+    return CausalLM(model, tok, context)

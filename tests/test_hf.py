@@ -278,3 +278,27 @@ def test_readme_transformers_section_runs():
     scope = {}
     exec(compile(code, "README.md (Use with transformers)", "exec"), scope)
     assert scope["cache"].memory_bytes() < scope["full"].memory_bytes()
+
+
+# ------------------------------------------------------------------ python -m nanokv.eval --model hf:DIR
+def test_eval_runs_on_a_transformers_directory(tmp_path):
+    from conftest import SHARED_GPT2
+
+    import nanokv.eval as nkeval
+
+    if not os.path.isfile(os.path.join(SHARED_GPT2, "encoder.json")):
+        pytest.skip("GPT-2 tokenizer files not in ../shared/data")
+    tok = transformers.GPT2Tokenizer(vocab=os.path.join(SHARED_GPT2, "encoder.json"),
+                                     merges=os.path.join(SHARED_GPT2, "vocab.bpe"))
+    tiny("llama", vocab_size=len(tok), bos_token_id=None, eos_token_id=None).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    rows = nkeval.main([f"--model=hf:{tmp_path / 'model'}", "--context=128", "--methods=full,snapkv,streamingllm",
+                        "--budgets=25%", "--tasks=passkey,ppl", "--samples=2", "--windows=1",
+                        f"--out={tmp_path / 'out'}", "--no-plots", "--quiet"])
+    got = {(r["method"], r["task"]): r for r in rows}
+    assert set(got) == {(m, t) for m in ("full", "snapkv", "streamingllm") for t in ("passkey", "ppl")}
+    assert got["full", "ppl"]["mem_fraction_of_full"] == 1.0
+    assert got["snapkv", "ppl"]["mem_fraction_of_full"] == pytest.approx(32 / 127, abs=1e-3)  # 25% of 128, of 127 read
+    assert 0 < got["full", "ppl"]["value"] < 10 * len(tok)  # a random model: about the vocabulary size
+    with pytest.raises(SystemExit, match="tasks attn and persistence read nanokv's GPT"):
+        nkeval.main([f"--model=hf:{tmp_path / 'model'}", "--tasks=attn", f"--out={tmp_path / 'out'}", "--quiet"])
