@@ -115,9 +115,10 @@ def detach(model):
         model.set_attn_implementation(_previous.pop(model, "sdpa"))
 
 
-def attention(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0, **kwargs):
-    """The "nanokv" attention function: nanokv's cache attends when `key` came from an HFCache's
-    update() in this layer; otherwise (the model run without a nanokv cache) plain sdpa."""
+def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """The "nanokv" attention function (transformers' sdpa signature): nanokv's cache attends when
+    `key` came from an HFCache's update() in this layer; otherwise (the model run without a
+    nanokv cache) plain sdpa."""
     held = _handoff[0]
     if held is None or held[0] is not key:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -150,11 +151,15 @@ class _Slot(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.cache.kv.seq_len_of(self.index)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):  # transformers before 5.2x passes cache_position
+            query_length = query_length.shape[0]
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
+
+    get_max_cache_shape = get_max_length  # its name before transformers 5.2x
 
     def reset(self):
         self.is_initialized = False
