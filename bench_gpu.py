@@ -15,6 +15,8 @@ triton.testing.do_bench, median):
              speed-up over kernel 1 against the reduction of bytes read
   kernel 4   quantize-and-pack throughput
   kernel 5   nearest class center (EMS, D2O) against the reference's (H, L, L) similarity matrices
+  nanokv.hf  every method through transformers on both backends; a cache split over devices; decode
+             speed of full against DynamicCache on a 1B-sized random Llama at 8k and 32k (check_hf)
 """
 
 from __future__ import annotations
@@ -131,6 +133,80 @@ def check_methods(dev) -> list[dict]:
     return rows
 
 
+def check_hf(dev, quick: bool, backends=("torch", "triton"), big=None, contexts=None) -> dict:
+    """nanokv.hf on this device: a tiny random Llama in fp16 through both backends, every method
+    (same greedy tokens and kept sets?); a cache whose layers live on different devices (layer 0
+    here, layer 1 on the CPU); decode speed and bytes of `full` against transformers' DynamicCache
+    and of some compressed methods, on a 1B-sized random Llama (TinyLlama-1.1B's shape) at 8k-32k."""
+    import transformers
+
+    import nanokv.hf
+    from nanokv import METHODS
+    from nanokv.cache import CacheShape, KVCache
+
+    out = {}
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
+    model = transformers.LlamaForCausalLM(cfg).to(dev, dtype).eval()
+    prompt = torch.randint(0, 1000, (1, 512), device=dev)
+    rows = []
+    for name, cls in METHODS.items():
+        res = {}
+        for backend in backends:
+            cache = nanokv.hf.attach(model, cls.scaled(128) if cls.takes_budget else cls(), backend=backend)
+            toks = model.generate(prompt, past_key_values=cache, max_new_tokens=32, do_sample=False)
+            res[backend] = (toks[0].tolist(), [cache.kept_positions(i, 0, h).tolist() for i in range(4) for h in range(2)])
+        first, last = res[backends[0]], res[backends[-1]]
+        rows.append({"method": name, "same_tokens": first[0] == last[0], "same_kept": first[1] == last[1]})
+    out["methods"] = rows
+    split = KVCache(CacheShape(n_layer=2, n_head=8, head_dim=64, n_kv_head=2), "h2o", budget=64)
+    for T in (100, 1, 1):
+        for i, d in ((0, dev), (1, torch.device("cpu"))):
+            q, k, v = torch.randn(1, 8, T, 64, device=d), torch.randn(1, 2, T, 64, device=d), torch.randn(1, 2, T, 64, device=d)
+            split.attend(i, q, k, v)
+    out["split"] = {"layer0": str(split.layers[0].fields["k"].device), "layer1": str(split.layers[1].fields["k"].device),
+                    "lengths": [split.lengths(i).tolist() for i in range(2)]}
+    big = big or dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(max_position_embeddings=32768, **big)).to(dev, dtype).eval()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    speed = []
+    for ctx in contexts or ((8192,) if quick else (8192, 32768)):
+        prompt = torch.randint(0, big["vocab_size"], (1, ctx), device=dev)
+        budget = ctx // 8
+        contenders = [("DynamicCache", lambda: transformers.DynamicCache(config=model.config)),
+                      ("full torch", lambda: nanokv.hf.attach(model, "full")),
+                      ("full triton", lambda: nanokv.hf.attach(model, "full", backend=backends[-1]))]
+        for name in ("streamingllm", "snapkv", "h2o", "kivi", "mikv"):
+            cls = METHODS[name]
+            contenders.append((f"{name} {backends[-1]}", lambda cls=cls: nanokv.hf.attach(
+                model, cls.scaled(budget) if cls.takes_budget else cls(), backend=backends[-1])))
+        for label, make in contenders:
+            try:
+                cache = make()
+                with torch.no_grad():
+                    tok = model(prompt, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+                    sync()
+                    t0 = time.perf_counter()
+                    for _ in range(32):
+                        tok = model(tok, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+                    sync()
+                    ms = 1e3 * (time.perf_counter() - t0) / 32
+                held = (sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+                        if isinstance(cache, transformers.DynamicCache) else cache.memory_bytes())
+                speed.append({"context": ctx, "cache": label, "ms_per_step": ms, "bytes": held})
+            except Exception as e:  # keep the other rows (an out-of-memory prefill, ...)
+                speed.append({"context": ctx, "cache": label, "error": repr(e)[:300]})
+            print(json.dumps(speed[-1]), flush=True)
+            del cache
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    out["speed"] = speed
+    return out
+
+
 def bench(dev, quick: bool) -> list[dict]:
     rows = []
     H, D = 32, 128
@@ -224,6 +300,22 @@ def markdown(info, checks, methods, perf) -> str:
     return "\n".join(out)
 
 
+def hf_markdown(hf: dict) -> str:
+    ok = sum(r["same_tokens"] and r["same_kept"] for r in hf["methods"])
+    out = [f"nanokv.hf, random Llama in fp16, prompt 512, 32 new tokens: {ok}/{len(hf['methods'])} methods with the "
+           f"same tokens and kept sets on both backends. Split cache: layer 0 on {hf['split']['layer0']}, layer 1 on "
+           f"{hf['split']['layer1']}.", "", "| context | cache | ms / decode step | vs DynamicCache | bytes held |",
+           "|---|---|---|---|---|"]
+    base = {r["context"]: r["ms_per_step"] for r in hf["speed"] if r["cache"] == "DynamicCache" and "ms_per_step" in r}
+    for r in hf["speed"]:
+        if "error" in r:
+            out.append(f"| {r['context']} | {r['cache']} | {r['error'][:60]} | | |")
+        else:
+            ratio = r["ms_per_step"] / base[r["context"]] if r["context"] in base else float("nan")
+            out.append(f"| {r['context']} | {r['cache']} | {r['ms_per_step']:.2f} | {ratio:.2f}x | {r['bytes'] / 2**20:.1f} MiB |")
+    return "\n".join(out)
+
+
 def main():
     p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="results/gpu", help="folder for the figures")
@@ -238,7 +330,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     result = {"info": info}
     for key, fn in (("checks", lambda: check_kernels(dev)), ("methods", lambda: check_methods(dev)),
-                    ("perf", lambda: bench(dev, args.quick))):
+                    ("perf", lambda: bench(dev, args.quick)), ("hf", lambda: check_hf(dev, args.quick))):
         t0 = time.time()
         try:
             result[key] = fn()
@@ -251,6 +343,10 @@ def main():
         md = markdown(info, result["checks"], result["methods"], result["perf"])
     except Exception as e:
         md = f"(no table: {e!r})"
+    try:
+        md += "\n\n" + hf_markdown(result["hf"])
+    except Exception as e:
+        md += f"\n\n(no nanokv.hf table: {e!r})"
     with open(os.path.join(args.out, "gpu.md"), "w") as f:
         f.write(md + "\n")
     print(md)

@@ -54,6 +54,13 @@ def reference_attention(q, k, v, q_pos, k_pos, valid=None, with_probs: bool = Tr
     B, Hq, T, D = q.shape
     H = k.size(1)
     G = Hq // H
+    # a prompt into an empty cache: the stored entries are exactly the queries' tokens, in order, so
+    # "not later tokens" is the causal triangle and the fused kernel needs no (B, H, T, L) mask
+    prompt = T > 1 and valid is None and k.size(2) == T and torch.equal(k_pos, q_pos.expand_as(k_pos))
+    if prompt:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G > 1)
+        if not with_probs:
+            return out, None
     if G > 1:  # grouped-query: the G query heads of a group become G * T query rows of their key-value head
         q = q.reshape(B, H, G * T, D)
     seen = None  # (B, H, G * T, L): True where a query may look; None: everywhere
@@ -61,11 +68,12 @@ def reference_attention(q, k, v, q_pos, k_pos, valid=None, with_probs: bool = Tr
         seen = k_pos[:, :, None, :] <= (q_pos if G == 1 else q_pos.repeat(G))[None, None, :, None]  # not later tokens
         if valid is not None:
             seen &= valid[:, :, None, :]  # nor padded slots
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=seen)
-    if G > 1:
-        out = out.reshape(B, Hq, T, D)
-    if not with_probs:
-        return out, None
+    if not prompt:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=seen)
+        if G > 1:
+            out = out.reshape(B, Hq, T, D)
+        if not with_probs:
+            return out, None
     att = ((q * (1.0 / math.sqrt(D))) @ k.transpose(-2, -1)).float()  # (B, H, G * T, L)
     if seen is not None:
         att.masked_fill_(~seen, float("-inf"))
