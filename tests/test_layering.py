@@ -57,10 +57,11 @@ def test_model_does_not_load_the_method_registry():
 
 # every method file's length before the one-way pipeline (commit 18ed328): none may grow, except
 # StreamingLLM, which gained its rotary in-cache positions (reposition=True, 37 -> 72 lines), and
-# Quantized, which refuses to wrap it then (108 -> 110)
-MAX_LINES = {"adakv": 70, "cam": 67, "d2o": 93, "ems": 184, "full": 18, "h2o": 41, "kivi": 142, "knorm": 24,
-             "mikv": 169, "pyramidkv": 66, "quantized": 110, "rtn": 56, "scissorhands": 90, "snapkv": 76,
-             "streamingllm": 72, "tova": 42}
+# Quantized, which refuses to wrap it then (108 -> 110); and one or two docstring lines each for
+# the methods that read attention, stating the grouped-query rule (issue 20)
+MAX_LINES = {"adakv": 72, "cam": 67, "d2o": 93, "ems": 185, "full": 18, "h2o": 42, "kivi": 142,
+             "knorm": 24, "mikv": 170, "pyramidkv": 67, "quantized": 110, "rtn": 56, "scissorhands": 90,
+             "snapkv": 76, "streamingllm": 72, "tova": 42}
 
 
 def test_method_files_stay_short():

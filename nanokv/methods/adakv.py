@@ -24,6 +24,8 @@ The safeguard, as each implementation has it:
     globally (kvpress's forcing, so the totals are exact).
 Storage: the heads really hold different numbers of tokens (nanokv/ragged.py: flat per-head
 entries, no padding allocated).
+Grouped-query models (nanokv.hf): the heads are key-value heads, scored as SnapKV (the mean of
+a group's query heads), as kvpress's AdaKVPress and the Ada-KV GQA code do.
 """
 
 import math

@@ -17,6 +17,7 @@ contributions of several evicted tokens add up (A is not changed by merging). Th
 draws are seeded and stateless: each call uses a generator seeded from (seed, layer, tokens
 seen), so runs and clones are reproducible; every batch row uses the same draws, so a row's
 result does not depend on the batch it is in.
+Grouped-query models (nanokv.hf): attention is the mean of a key-value head's query heads' rows.
 """
 
 import torch

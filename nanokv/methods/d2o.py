@@ -19,6 +19,7 @@ of the evicted rows into their centers. Choices: the decision is per head (the o
 averages s_e over heads, which only makes sense when all heads evict the same tokens); tau is
 per layer and batch row, in fp32 (B floats per layer). Not implemented: the optional per-layer
 budgets from attention variance (layers get the same budget here).
+Grouped-query models (nanokv.hf): attention is the mean of a key-value head's query heads' rows.
 """
 
 import math

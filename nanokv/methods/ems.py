@@ -39,6 +39,7 @@ The zero class is slot L of a (B, H, L + 1, D) scatter buffer: every candidate a
 token is scattered somewhere, irrelevant and dissimilar ones into slot L, which is dropped.
 A merged center keeps its own position and scores.
 Method state: s_glo (4 bytes) and the local ring (4 * window bytes) per token.
+Grouped-query models (nanokv.hf): attention is the mean of a key-value head's query heads' rows.
 """
 
 import torch

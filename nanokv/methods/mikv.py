@@ -28,6 +28,7 @@ A stream that starts with short calls (token by token) would otherwise fix b fro
 until `calibrate` tokens are seen the running maxima are tracked (2 * B * H * D fp32), nothing
 is balanced and nothing is demoted (the cache briefly holds them all in high precision); then
 b is computed, the held keys are rescaled, and demotion starts.
+Grouped-query models (nanokv.hf): F sums the mean of a key-value head's query heads' rows.
 """
 
 import math

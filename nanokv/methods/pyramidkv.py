@@ -17,6 +17,7 @@ Choice: the official code computes lo with integer division and floors the step
 4 layers, a long prompt: 260 tokens per head over the layers, not 256); here the b_l are exact
 fractions rounded by largest remainder (ties to lower layers), so they sum to exactly
 n_layer * budget. Every b_l must hold the window.
+Grouped-query models (nanokv.hf): scores as SnapKV's, from the mean of a group's query heads.
 """
 
 import math

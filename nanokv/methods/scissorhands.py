@@ -15,6 +15,7 @@ parallel pass (then each of its queries is recorded as a step), a prompt that do
 read token by token (`pieces`: the cache runs it so), evicting as it goes, so its later tokens
 attend to a compressed one. Ties in count go to the more recent token. The history is stored
 compactly: one bit per step, ceil(history / 8) bytes per cached token, reported as method state.
+Grouped-query models (nanokv.hf): a key-value head's attention row is the mean of its query heads'.
 """
 
 import math

@@ -11,6 +11,7 @@ head_reduce="none" scores and evicts each head separately.
 
 At a prefill longer than the budget the prompt's last query does the scoring, as in the
 official code. Method state: none (the score lives only during one call).
+Grouped-query models (nanokv.hf): a key-value head's row is the mean of its query heads' rows.
 """
 
 from ..method import ScoredEviction
