@@ -10,7 +10,7 @@ row). A head keeps the `recent` newest tokens plus the best `budget - recent` by
 optionally, `n_sink` first tokens). During decode one token is evicted per step.
 
 Choices: per head (not averaged over heads), as the paper; recent defaults to half the
-budget ("half/half" of the paper's 20% heavy + 20% recent setting); F is kept in fp32
+budget ("half/half" of the paper's 10% heavy + 10% recent setting); F is kept in fp32
 whatever the model dtype; evicted tokens' F is forgotten. Method state: 4 bytes per token.
 Grouped-query models (nanokv.hf): a key-value head's a_t is the mean of its query heads' rows.
 """
