@@ -16,7 +16,7 @@ pooling only over the tokens before the window (the official code pools `attn[..
 avg pooling counts the zero padding (count_include_pad=True, as torch's default and the
 official code). A prompt no longer than the budget is not compressed.
 Grouped-query models (nanokv.hf): a key-value head's a_i is the mean of its query heads' rows
-(kvpress averages the group's pooled scores: the same ranking, tests/test_hf.py).
+(kvpress pools each query head, then averages: equal with avg pooling, tests/test_hf.py).
 """
 
 import torch.nn.functional as F
