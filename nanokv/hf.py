@@ -97,7 +97,7 @@ def attach(model, method="full", backend: str = "torch", **method_kwargs) -> "HF
 
     cache = HFCache(model, method, backend, **method_kwargs)  # checks the model first
     if model not in _hooked:  # so that update() knows which model's layer hands it keys
-        for module in describe(model)[1]:
+        for module in cache._modules:  # found by describe() when the cache was built
             module.register_forward_pre_hook(lambda module, args: _calling.__setitem__(0, module))
         _hooked.add(model)
     AttentionInterface.register(ATTENTION, attention)
