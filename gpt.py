@@ -155,7 +155,7 @@ def column_major(linear: nn.Linear):
 
 def guess_tokenizer(vocab_size: int) -> str | None:
     """The nanokv tokenizer a vocabulary size implies, or None."""
-    return {256: "byte", 2048: "tinybpe", 50257: "gpt2"}.get(vocab_size)
+    return {256: "byte", 456: "bytedigits", 2048: "tinybpe", 50257: "gpt2"}.get(vocab_size)
 
 
 def check_ids(idx, vocab_size: int):

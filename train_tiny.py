@@ -60,8 +60,9 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=1337, help="seed of every random choice")
     p.add_argument("--data", help="train on this text file instead of the built-in corpus "
                                   "(episodes and repeat rows are then off unless asked for)")
-    p.add_argument("--tokenizer", default="byte", choices=["byte", "tinybpe", "gpt2"],
-                   help="byte: UTF-8 bytes; tinybpe: nanokv's committed 2048-token BPE; gpt2: GPT-2's BPE")
+    p.add_argument("--tokenizer", default="byte", choices=["byte", "bytedigits", "tinybpe", "gpt2"],
+                   help="byte: UTF-8 bytes; bytedigits: bytes plus digit pairs (a byte model given with --init is "
+                        "widened to it); tinybpe: nanokv's committed 2048-token BPE; gpt2: GPT-2's BPE")
     p.add_argument("--train-tokenizer", action="store_true",
                    help="train tinybpe's vocabulary on the built-in corpus's training split "
                         "(nanokv/assets/tinybpe.tiktoken; needs the tokenizers package) and exit")
@@ -255,6 +256,8 @@ def train(args):
         torch.set_rng_state(ckpt["torch_rng"])
     elif args.init:
         model = GPT.from_pretrained(args.init).float()
+        if model.tokenizer_name == "byte" and args.tokenizer == "bytedigits":
+            model = widen_to_bytedigits(model)
         if model.tokenizer_name != args.tokenizer:
             raise ValueError(f"--init {args.init!r} was trained with the {model.tokenizer_name} tokenizer; "
                              f"pass --tokenizer {model.tokenizer_name}")
@@ -317,6 +320,23 @@ def train(args):
                                        corpus=None if args.data else corpus_info())
         print(f"exported fp16 model: {os.path.abspath(args.export)} (GPT.from_pretrained(path))", file=sys.stderr)
     return model, log, losses
+
+
+def widen_to_bytedigits(model: GPT) -> GPT:
+    """A byte-level model with bytedigits' vocabulary: the 256 byte rows of the tied embedding are
+    kept, and each digit-pair token starts as the mean of its bytes' rows (" 48" from " ", "4", "8"),
+    so everything the model learned about bytes carries over and fine-tuning teaches the pairs."""
+    from nanokv.tokenizer import ByteDigitTokenizer
+
+    tok = ByteDigitTokenizer()
+    config = GPTConfig.from_dict({**model.config.__dict__, "vocab_size": tok.vocab_size})
+    wide = GPT(config, tokenizer=tok.name)
+    state = model.state_dict()
+    old = state["lm_head.weight"]  # (256, C), tied to wte
+    new = torch.stack([old[list(tok.pieces(i))].mean(0) for i in range(tok.vocab_size)])  # (456, C)
+    state["lm_head.weight"] = state["transformer.wte.weight"] = new
+    wide.load_state_dict(state)
+    return wide
 
 
 def train_tokenizer():

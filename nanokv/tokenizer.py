@@ -1,8 +1,10 @@
 """
-Tokenizers: a byte-level one (vocabulary 256, no files), nanokv's own small BPE for tiny
-models (vocabulary 2048, committed in nanokv/assets, no download) and GPT-2's BPE.
+Tokenizers: a byte-level one (vocabulary 256, no files), bytes plus digit pairs (vocabulary 456,
+no files), nanokv's own small BPE for tiny models (vocabulary 2048, committed in nanokv/assets,
+no download) and GPT-2's BPE.
 
     tok = get_tokenizer("byte")                 # always available
+    tok = get_tokenizer("bytedigits")           # always available
     tok = get_tokenizer("tinybpe")              # always available (nanokv/assets/tinybpe.tiktoken)
     tok = get_tokenizer("gpt2")                 # tiktoken's normal download (online)
     tok = get_tokenizer("gpt2", gpt2_dir=DIR)   # offline: DIR holds gpt2.tiktoken,
@@ -14,12 +16,15 @@ Why a subword vocabulary for the tiny model: with bytes, a 5-digit passkey is fi
 its answer starts with a space that needs no retrieval, so nothing the model computes at the
 question can point at the digits (every importance-based method then scores them like filler).
 `tinybpe` splits digit runs into pairs (" 4813" -> " 48", "13"), so a 4-digit value is two
-tokens, the first of which the question's last token must fetch directly.
+tokens, the first of which the question's last token must fetch directly. `bytedigits` does the
+same for digits only and keeps every other character a byte, so a byte-level model can be widened
+to it and keep what it learned (train_tiny.py --init nanokv-tiny --tokenizer bytedigits).
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_EOT = 50256
@@ -40,6 +45,52 @@ class ByteTokenizer:
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+class ByteDigitTokenizer:
+    """UTF-8 bytes, plus one token per digit pair: "00".."99" are ids 256..355 and " 00".." 99"
+    (the pair with the space before it) are ids 356..455. A run of digits splits into pairs from
+    its left; a space just before the run joins its first pair; an odd last digit stays a byte.
+
+        " 4813." -> [" 48", "13", "."]      "12345" -> ["12", "34", "5"]      " 7" -> [" ", "7"]
+    """
+
+    name = "bytedigits"
+    vocab_size = 456
+    RUN = re.compile(rb" ?[0-9]+")
+
+    def encode(self, text: str) -> list[int]:
+        data, ids, at = text.encode("utf-8"), [], 0
+        for m in self.RUN.finditer(data):
+            ids.extend(data[at:m.start()])
+            run = m.group()
+            if run[:1] == b" " and len(run) >= 3:  # " 48..." -> " 48"
+                ids.append(356 + int(run[1:3]))
+                run = run[3:]
+            elif run[:1] == b" ":  # " 7": a space and one digit stay bytes
+                ids.append(run[0])
+                run = run[1:]
+            for i in range(0, len(run) - 1, 2):
+                ids.append(256 + int(run[i:i + 2]))
+            if len(run) % 2:
+                ids.append(run[-1])
+            at = m.end()
+        ids.extend(data[at:])
+        return ids
+
+    def decode(self, ids) -> str:
+        out = bytearray()
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is outside bytedigits' vocabulary [0, {self.vocab_size})")
+            out += self.pieces(i)
+        return out.decode("utf-8", errors="replace")
+
+    @staticmethod
+    def pieces(i: int) -> bytes:
+        """The bytes token i stands for (the widening of a byte model's embeddings uses them)."""
+        return bytes([i]) if i < 256 else (b"" if i < 356 else b" ") + b"%02d" % ((i - 256) % 100)
 
 
 class GPT2Tokenizer:
@@ -157,8 +208,10 @@ def _local_ranks(gpt2_dir: str) -> dict:
 def get_tokenizer(name: str = "byte", gpt2_dir: str | None = None):
     if name == "byte":
         return ByteTokenizer()
+    if name == "bytedigits":
+        return ByteDigitTokenizer()
     if name == "tinybpe":
         return TinyBPETokenizer()
     if name == "gpt2":
         return GPT2Tokenizer(gpt2_dir)
-    raise ValueError(f"unknown tokenizer {name!r}; valid tokenizers: ['byte', 'tinybpe', 'gpt2']")
+    raise ValueError(f"unknown tokenizer {name!r}; valid tokenizers: ['byte', 'bytedigits', 'tinybpe', 'gpt2']")

@@ -82,6 +82,25 @@ def test_init_fine_tunes_from_exported_weights(tmp_path):
                                                      "--out", str(tmp_path / "c.pt")]))
 
 
+def test_init_widens_a_byte_model_to_bytedigits(tmp_path):
+    """--init BYTE_MODEL --tokenizer bytedigits: the byte rows of the tied embedding are the loaded
+    ones, a digit-pair row is the mean of its bytes' rows, and every other weight is unchanged, so on
+    text without digits the widened model's logits over bytes equal the byte model's."""
+    base = TINY_ARGS + ["--eval-interval", "0", "--steps", "2"]
+    train_tiny.train(train_tiny.get_args(base + ["--out", str(tmp_path / "a.pt"), "--export", str(tmp_path / "e.pt")]))
+    wide, _, _ = train_tiny.train(train_tiny.get_args(base + ["--steps", "1", "--out", str(tmp_path / "b.pt"),
+                                                              "--init", str(tmp_path / "e.pt"), "--lr", "0",
+                                                              "--tokenizer", "bytedigits"]))
+    byte = GPT.from_pretrained(str(tmp_path / "e.pt")).float()
+    assert wide.tokenizer_name == "bytedigits" and wide.config.vocab_size == 456
+    w, b = wide.transformer.wte.weight, byte.transformer.wte.weight
+    assert torch.equal(w[:256], b)
+    assert torch.allclose(w[356 + 48], b[[ord(" "), ord("4"), ord("8")]].mean(0))
+    x = torch.tensor([list(b"hello world")])
+    wide.eval()
+    assert torch.allclose(wide(x)[0][..., :256], byte(x)[0], atol=1e-5)
+
+
 def test_trains_on_a_text_file(tmp_path, capsys):
     """--data FILE: the model is trained on that file's first 90% (validated on the rest), with
     no synthetic rows unless asked for, and the run says where the checkpoint went."""
