@@ -33,6 +33,8 @@ HF_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HF_ALIASES = {f"openai-community/{n}": n for n in HF_NAMES}  # the Hub's current ids
 # the tiny byte-level checkpoint that ships with nanokv (trained by train_tiny.py; see README)
 TINY_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nanokv", "assets", "tiny.pt")
+# the byte-level model the committed one was widened from (lesson 12: why bytes hide importance)
+TINY_BYTE_CHECKPOINT = os.path.join(os.path.dirname(TINY_CHECKPOINT), "tiny-byte.pt")
 
 
 @dataclass
@@ -354,7 +356,9 @@ class GPT(nn.Module):
         """Load GPT-2 weights.
 
         name_or_path is one of:
-          - "nanokv-tiny": the tiny byte-level checkpoint committed in nanokv/assets/tiny.pt;
+          - "nanokv-tiny": the tiny checkpoint committed in nanokv/assets/tiny.pt (tokenizer
+            bytedigits: bytes plus digit pairs);
+          - "nanokv-tiny-byte": the byte-level model it was fine-tuned from (nanokv/assets/tiny-byte.pt);
           - a Hugging Face name: gpt2, gpt2-medium, gpt2-large, gpt2-xl (needs transformers and internet);
           - a local directory saved by transformers' save_pretrained (config.json plus
             model.safetensors or pytorch_model.bin); works offline, transformers not needed;
@@ -363,8 +367,8 @@ class GPT(nn.Module):
         if not isinstance(name_or_path, (str, os.PathLike)):
             raise TypeError(f"name_or_path must be a str or path, got {type(name_or_path).__name__}")
         path = os.fspath(name_or_path)
-        if path == "nanokv-tiny":
-            path = TINY_CHECKPOINT
+        if path in ("nanokv-tiny", "nanokv-tiny-byte"):
+            path = TINY_CHECKPOINT if path == "nanokv-tiny" else TINY_BYTE_CHECKPOINT
         hub_name = HF_ALIASES.get(path, path)  # a Hugging Face name, in its short form, or None
         hub_name = hub_name if hub_name in HF_NAMES else None
         if os.path.isdir(path) and not (hub_name and not os.path.isfile(os.path.join(path, "config.json"))):

@@ -6,6 +6,8 @@ far back in its context (the skill KV-cache compression can destroy).
     python train_tiny.py --data input.txt         # any text file instead
     python train_tiny.py --resume out/tiny.pt     # continue a run
     python train_tiny.py --init nanokv-tiny       # fine-tune the committed model (fresh optimizer)
+    python train_tiny.py --init nanokv-tiny-byte --tokenizer bytedigits   # widen a byte model to
+                                                  # digit pairs (how the committed model was made)
 
 Each batch mixes natural text with synthetic retrieval episodes (nanokv/episodes.py):
 passkey (needle in a haystack) and line retrieval, plus `--repeat-ratio` rows of a random

@@ -18,7 +18,7 @@ question can point at the digits (every importance-based method then scores them
 `tinybpe` splits digit runs into pairs (" 4813" -> " 48", "13"), so a 4-digit value is two
 tokens, the first of which the question's last token must fetch directly. `bytedigits` does the
 same for digits only and keeps every other character a byte, so a byte-level model can be widened
-to it and keep what it learned (train_tiny.py --init nanokv-tiny --tokenizer bytedigits).
+to it and keep what it learned (train_tiny.py --init nanokv-tiny-byte --tokenizer bytedigits).
 """
 
 from __future__ import annotations
