@@ -353,7 +353,7 @@ def get_args(argv=None):
                    "(default: the model's, at most 2048)")
     p.add_argument("--methods", default="full,streamingllm,h2o,tova,scissorhands,snapkv,pyramidkv,adakv,knorm,"
                    "rtn,kivi,mikv,quantized,cam,d2o,ems", help="comma-separated method specs, e.g. mikv(bits_lo=3)")
-    p.add_argument("--budgets", default="20%", help="tokens or %% of the context, comma-separated")
+    p.add_argument("--budgets", default="10%,25%,50%", help="tokens or %% of the context, comma-separated")
     p.add_argument("--tasks", default="passkey,lines", help=f"comma-separated from {list(TASKS)}")
     p.add_argument("--protocol", default="agnostic", choices=["agnostic", "aware"], help="retrieval protocol")
     p.add_argument("--ppl-protocol", default="stream", choices=["stream", "prefill"],

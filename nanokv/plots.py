@@ -37,13 +37,13 @@ def budget_plot(rows, task: str, path: str, title: str | None = None) -> str:
     return _finish(fig, ax, path, {"fontsize": 7, "ncol": 2})
 
 
-def budget_axes(rows, task: str, title: str | None = None):
+def budget_axes(rows, task: str, title: str | None = None, ax=None):
     """One line per method: the task's value against memory as a fraction of the full cache. The
     full cache is a dashed reference line (it has one point, at memory 1); accuracies and lost mass
     use the whole [0, 1] axis; each method has its own marker shape, and methods whose points
     coincide are shifted apart a little sideways (a jitter of a few percent on the log axis), so
     that no marker hides another."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 4.5)) if ax is None else (ax.figure, ax)
     by_method: dict[str, list] = {}
     for r in rows:
         if r["task"] == task:
@@ -126,10 +126,26 @@ def attn_error_plot(rows, path: str) -> str:
     return _finish(fig, ax, path, {"fontsize": 6, "ncol": 2})
 
 
+def retrieval_plot(rows, path: str) -> str:
+    """Passkey and line retrieval side by side (one figure: what `python -m nanokv.eval` shows first)."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    for ax, task in zip(axes, ("passkey", "lines")):
+        budget_axes(rows, task, ax=ax)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_all(rows, out: str) -> list[str]:
     """Every plot the rows support; returns the paths written."""
     paths = []
     tasks = {r["task"] for r in rows}
+    if {"passkey", "lines"} <= tasks:
+        paths.append(retrieval_plot(rows, os.path.join(out, "retrieval.png")))
     for task in ("passkey", "lines", "ppl", "attn"):
         if task in tasks:
             paths.append(budget_plot(rows, task, os.path.join(out, f"{task}.png")))
