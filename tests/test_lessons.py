@@ -97,7 +97,7 @@ if __name__ == "__main__" and "--write" in sys.argv:
 
     for path in [os.path.abspath(p) for p in sys.argv[2:]] or LESSONS:
         t0 = time.time()
-        book = execute(path, quick=False)
+        book = execute(path, quick=False, timeout=900)  # a busy machine may be slow; the time is recorded
         seconds = round(time.time() - t0, 1)
         book.metadata["nanokv"] = {"code_digest": code_digest(book), "quick": False, "seconds": seconds}
         nbformat.write(book, path)
