@@ -9,7 +9,7 @@ Data flow of one attention layer (see ARCHITECTURE.md): the cache drives, the me
 
     CausalSelfAttention --q,k,v (B,H,T,D)--> KVCache.attend(layer, q, k, v)
         q, k = method.prepare(layer, q, k)
-        for each piece in method.pieces(layer, T):       # [T], or one token at a time
+        for each piece in method.pieces(layer, T):       # [T], or shorter pieces (Scissorhands)
              method.store(layer, k, v, pos)              # store the new tokens
              parts = method.gather(layer, fresh)         # what attention reads
              out, probs = cache.attention_over(q, parts) # ONE attention for all methods, kernel chosen here

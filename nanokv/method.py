@@ -5,8 +5,9 @@ The two base classes every compression method builds on.
 (KVCache.attend, nanokv/cache.py); a method fills in hooks and never calls back into the cache:
 
     q, k = method.prepare(layer, q, k)            rescale queries and keys (MiKV's balancer)
-    for each piece in method.pieces(layer, T):    [T] (one pass), or [1] * T (Scissorhands'
-                                                  token-by-token prompt: a mode the cache runs)
+    for each piece in method.pieces(layer, T):    [T] (one pass), or shorter pieces (Scissorhands
+                                                  splits its prompt where token-by-token reading
+                                                  would evict: a mode the cache runs)
         method.store(layer, k, v, pos)            store the new tokens (briefly budget + T)
         parts = method.gather(layer, fresh)       what attention reads (packed tiers, ...)
         out, probs = attention over the parts     THE attention, its kernel chosen by the cache
@@ -121,7 +122,7 @@ class Method:
         return q, k
 
     def pieces(self, layer: Ragged, T: int) -> list[int]:
-        """How the cache splits a call of T tokens: [T] (one pass, the default) or [1] * T."""
+        """How the cache splits a call of T tokens: [T] (one pass, the default) or piece lengths summing to T."""
         return [T]
 
     def store(self, layer: Ragged, k, v, pos):

@@ -277,6 +277,32 @@ def test_scissorhands_history_is_bits():
     assert cache.memory_breakdown()["method_state"] == n * 50  # 400 steps = 50 bytes per token
 
 
+@pytest.mark.parametrize("threshold", ["1/t", "1/n"])
+def test_scissorhands_pieces_equal_token_by_token(monkeypatch, threshold):
+    """The prompt runs in pieces that end where a token-by-token reading evicts: the same kept
+    positions, history bits and logits as forcing one token per pass (and far fewer passes)."""
+    from nanokv.methods.scissorhands import Scissorhands
+
+    model, idx = peaked_model(), torch.randint(0, 256, (2, 90), generator=torch.Generator().manual_seed(4))
+    runs = {}
+    for mode in ("pieces", "one by one"):
+        if mode == "one by one":
+            monkeypatch.setattr(Scissorhands, "pieces", lambda self, layer, T: [1] * T)
+        cache = KVCache(model.config, "scissorhands", budget=20, drop=7, recent=3, threshold=threshold)
+        with torch.no_grad():
+            logits, _ = model(idx, cache=cache)
+            nxt, _ = model(idx[:, :1], cache=cache)
+        kept = [[cache.kept_positions(i, b, h).tolist() for b in range(2) for h in range(4)] for i in range(2)]
+        runs[mode] = (logits, nxt, kept, cache.layers[1].padded("hist").clone())
+    (l1, n1, k1, h1), (l2, n2, k2, h2) = runs["pieces"], runs["one by one"]
+    print("max |dlogit|", (l1 - l2).abs().max().item(), (n1 - n2).abs().max().item())
+    assert k1 == k2 and torch.equal(h1, h2)
+    assert (l1 - l2).abs().max() <= 1e-4 and (n1 - n2).abs().max() <= 1e-4
+    monkeypatch.undo()
+    assert Scissorhands(budget=20, drop=7, recent=3).pieces(type("L", (), {"max_len": 0}), 90) == \
+        [21] + [7] * 9 + [6]
+
+
 def test_memory_shrinks_exactly_with_budget():
     model = peaked_model()  # 2 layers, 4 heads, D=16, fp32: 2*16*4 + 4 bytes per entry
     idx = torch.randint(0, 256, (1, 64))

@@ -258,9 +258,8 @@ def test_triton_backend_routes_prefill_and_decode_to_the_kernels(monkeypatch, na
     """Neither prefill (kernel 3, with column sums and the last rows the method reads) nor decode
     (kernel 1; kernel 2 for packed low-bit tokens: RTN, KIVI, MiKV, Quantized, whose decode steps
     then never use kernel 1) touches the reference attention. Scissorhands is the exception: a
-    prompt within its budget is recorded query by query (every row). (Quantized's prompt, when its
-    inner method is Scissorhands, is processed token by token and its heads may keep different
-    numbers of the prompt's tokens: those steps dequantize in torch and use kernel 1.)
+    prompt is recorded query by query (every row), so Quantized's prompt, whose inner method is
+    Scissorhands, uses the reference attention too; its decode steps may not.
     The merging methods that match tokens to centers (EMS, D2O) do it with kernel 5."""
     import fast.decode
     import fast.merge
@@ -272,13 +271,16 @@ def test_triton_backend_routes_prefill_and_decode_to_the_kernels(monkeypatch, na
     model = peaked_model(n_layer=2, n_head=2, n_embd=32, block_size=128)
     prompt = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(2))
     ref = run(model, make_method(name, 16), "torch", prompt, 8)
-    monkeypatch.setattr(nanokv.cache, "reference_attention", forbidden)
+    no_reference = lambda: monkeypatch.setattr(nanokv.cache, "reference_attention", forbidden)  # noqa: E731
     no_kernel_1 = lambda: monkeypatch.setattr(fast.decode, "decode_attention", forbidden)  # noqa: E731
+    if name != "quantized":
+        no_reference()
     if name in ("rtn", "kivi", "mikv"):
         no_kernel_1()
     calls, kernel_5 = [], fast.merge.nearest_center
     monkeypatch.setattr(fast.merge, "nearest_center", lambda *a, **kw: calls.append(1) or kernel_5(*a, **kw))
-    out = run(model, make_method(name, 16), "triton", prompt, 8, no_kernel_1 if name == "quantized" else None)
+    after_prefill = (lambda: no_reference() or no_kernel_1()) if name == "quantized" else None
+    out = run(model, make_method(name, 16), "triton", prompt, 8, after_prefill)
     assert out[0] == ref[0] and out[2] == ref[2] and (out[1] - ref[1]).abs().max() <= 1e-4
     assert bool(calls) == (name in ("ems", "d2o")), f"kernel 5 called {len(calls)} times"
 

@@ -10,10 +10,10 @@ and counts the low steps among the last `history` steps [400]:
 When the cache exceeds the budget B, the `drop` tokens with the largest counts are evicted
 [drop = B/2], never the `recent` newest ones [10]. The cache then refills to B + 1 and drops again.
 
-Every input token is processed as if it were generated: a prompt that fits the budget is one
-parallel pass (then each of its queries is recorded as a step), a prompt that does not is
-read token by token (`pieces`: the cache runs it so), evicting as it goes, so its later tokens
-attend to a compressed one. Ties in count go to the more recent token. The history is stored
+Every input token is processed as if it were generated, evicting as it goes. The cache runs a
+prompt in pieces (`pieces`) that end where a token-by-token reading would evict: one parallel pass
+per piece, its queries recorded as steps in order (the token-by-token result in about T / drop
+passes). Ties in count go to the more recent token. The history is stored
 compactly: one bit per step, ceil(history / 8) bytes per cached token, reported as method state.
 Grouped-query models (nanokv.hf): a key-value head's attention row is the mean of its query heads'.
 """
@@ -50,9 +50,14 @@ class Scissorhands(ScoredEviction):
         layer.add_field("hist", "method_state", (math.ceil(self.history / 8),), torch.uint8)
 
     def pieces(self, layer, T):
-        if layer.max_len + T <= self.budget:  # nothing to evict in this call: one parallel pass
-            return [T]
-        return [1] * T  # token by token, as if every token were generated (the cache loops)
+        """Pieces that end where token-by-token reading would evict (the cache reaches budget + 1):
+        no query attends to a token an earlier eviction would have removed; same result as [1] * T."""
+        out, n = [], layer.max_len  # n: tokens held before each piece (equal in every head)
+        while T > 0:  # a piece is >= 1 token: after a drop the cache holds budget + 1 - drop
+            out.append(min(T, self.budget + 1 - n))
+            T, n = T - out[-1], n + out[-1]
+            n -= self.drop if n > self.budget else 0  # its last token overflowed: compress drops `drop`
+        return out
 
     def observe(self, layer, probs, q):
         for i in range(probs.size(2)):  # (B, H, T, L): one bit per query, in order
