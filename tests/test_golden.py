@@ -1,12 +1,15 @@
 """Every method's fingerprint on a fixed run (tests/golden/record.py) equals the recorded one:
-kept sets and precisions after every call, memory held, and the logits to 1e-5 (so merged tensors
-and quantized codes; recorded on 2026-12-03 before the interface refactor). The tolerance was
-1e-6; it is 1e-5 since D2O's and EMS's matching computes the cosines of the asked rows only
-(a (m, L) product in place of (L, L): 1.1e-6 in D2O's logits) and MiKV's attention reads
-[high tier, low tier] with the new tokens stored in the high tier first (the same keys in
-another order: 9.1e-7), both float reassociation, still 100 times below what one moved code
-or a 1% merge-weight error does (~1e-3). A change that moves one of them on purpose re-records with
-`python tests/golden/record.py` and says why in its commit."""
+kept sets and precisions after every call, memory held, and the logits (so merged tensors and
+quantized codes; recorded on 2026-12-03 before the interface refactor).
+
+Logits: each call's two projections (a random direction, the absolute sum) may move by at most
+1e-6 of that call's absolute logit sum. Float reassociation (D2O's and EMS's (m, L) cosines,
+MiKV's [high, low] tier order) and another CPU's float kernels move them by 5e-8 to 1.7e-7
+(measured on an AVX-512 EPYC against the recording machine); a 1% D2O merge-weight error moves
+them by 3.4e-5. (Until 2026-12-04 each projection was divided by its own magnitude, clamped at
+1e-3: a projection that happens to sit near zero then turned 5e-6 of noise into 1.6e-4 on
+another CPU.) A change that moves them on purpose re-records with `python tests/golden/record.py`
+and says why in its commit."""
 
 import json
 
@@ -28,6 +31,7 @@ def test_method_matches_its_recorded_fingerprint(name):
     assert got["kept"] == want["kept"], f"{name}: kept positions or precisions changed"
     assert got["memory"] == want["memory"], f"{name}: memory_bytes {got['memory']} != recorded {want['memory']}"
     got_l, want_l = torch.tensor(got["logits"], dtype=torch.float64), torch.tensor(want["logits"], dtype=torch.float64)
-    rel = ((got_l - want_l).abs() / want_l.abs().clamp_min(1e-3)).max().item()
-    print(f"{name}: logits projections max rel. diff {rel:.2g}; exact bytes {'same' if got['logits_sha'] == want['logits_sha'] else 'differ'}")
-    assert rel <= 1e-5, f"{name}: logits changed (held keys, values or codes differ): max rel. diff {rel:.3g}"
+    scale = want_l[:, 1:2]  # each call's absolute logit sum
+    rel = ((got_l - want_l).abs() / scale).max().item()
+    print(f"{name}: logits projections max diff {rel:.2g} of the absolute logit sum; exact bytes {'same' if got['logits_sha'] == want['logits_sha'] else 'differ'}")
+    assert rel <= 1e-6, f"{name}: logits changed (held keys, values or codes differ): {rel:.3g} of the absolute sum"
