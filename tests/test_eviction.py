@@ -6,6 +6,7 @@ replays each policy per (layer, batch row, head) with plain Python lists of posi
 explicitly computed attention rows; it shares no code with nanokv/methods/."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -299,8 +300,8 @@ def test_scissorhands_pieces_equal_token_by_token(monkeypatch, threshold):
     assert k1 == k2 and torch.equal(h1, h2)
     assert (l1 - l2).abs().max() <= 1e-4 and (n1 - n2).abs().max() <= 1e-4
     monkeypatch.undo()
-    assert Scissorhands(budget=20, drop=7, recent=3).pieces(type("L", (), {"max_len": 0}), 90) == \
-        [21] + [7] * 9 + [6]
+    empty_layer = types.SimpleNamespace(max_len=0)  # pieces reads only how many tokens are held
+    assert Scissorhands(budget=20, drop=7, recent=3).pieces(empty_layer, 90) == [21] + [7] * 9 + [6]
 
 
 def test_memory_shrinks_exactly_with_budget():

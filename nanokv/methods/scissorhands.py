@@ -13,8 +13,8 @@ When the cache exceeds the budget B, the `drop` tokens with the largest counts a
 Every input token is processed as if it were generated, evicting as it goes. The cache runs a
 prompt in pieces (`pieces`) that end where a token-by-token reading would evict: one parallel pass
 per piece, its queries recorded as steps in order (the token-by-token result in about T / drop
-passes). Ties in count go to the more recent token. The history is stored
-compactly: one bit per step, ceil(history / 8) bytes per cached token, reported as method state.
+passes). Ties in count go to the more recent token. The history is stored compactly: one bit per
+step, ceil(history / 8) bytes per cached token, reported as method state.
 Grouped-query models (nanokv.hf): a key-value head's attention row is the mean of its query heads'.
 """
 
@@ -50,13 +50,13 @@ class Scissorhands(ScoredEviction):
         layer.add_field("hist", "method_state", (math.ceil(self.history / 8),), torch.uint8)
 
     def pieces(self, layer, T):
-        """Pieces that end where token-by-token reading would evict (the cache reaches budget + 1):
-        no query attends to a token an earlier eviction would have removed; same result as [1] * T."""
+        """Pieces ending where token-by-token reading would evict (at budget + 1): the result of [1] * T."""
         out, n = [], layer.max_len  # n: tokens held before each piece (equal in every head)
         while T > 0:  # a piece is >= 1 token: after a drop the cache holds budget + 1 - drop
             out.append(min(T, self.budget + 1 - n))
             T, n = T - out[-1], n + out[-1]
-            n -= self.drop if n > self.budget else 0  # its last token overflowed: compress drops `drop`
+            if n > self.budget:  # its last token overflowed: compress drops `drop`
+                n -= self.drop
         return out
 
     def observe(self, layer, probs, q):
