@@ -263,13 +263,9 @@ class KVCache:
         if len(parts) == 1:
             k, v, k_pos, valid = parts[0]
         else:
-            k = torch.cat([p[0] for p in parts], dim=2)
-            v = torch.cat([p[1] for p in parts], dim=2)
-            k_pos = torch.cat([p[2] for p in parts], dim=2)
-            valid = None
-            if any(p[3] is not None for p in parts):
-                valid = torch.cat([torch.ones_like(p[2], dtype=torch.bool) if p[3] is None else p[3]
-                                   for p in parts], dim=2)
+            from .method import concat_parts
+
+            k, v, k_pos, valid = concat_parts(parts)
         rows = self.method.probs_rows
         if self.backend == "triton" and (q.size(2) == 1 or not with_probs or rows is not None):
             G = q.size(1) // k.size(1)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .quant import as_int
+from .quant import as_int, dequantize_packed
 from .ragged import KINDS, Ragged, mask_slots
 
 
@@ -68,22 +68,60 @@ def store_part(store: Ragged, k: str = "k", v: str = "v"):
 class LowBitPart:
     """A store of packed low-bit keys and values (its first `n` entries per head, all when n is
     None; n needs equal head lengths) as an attention part. Indexed like a part, (k, v, k_pos,
-    valid), it dequantizes (once): the reference path. The Triton backend reads the packed codes
-    (`packed(name)`) directly instead (kernel 2, fast/decode_quant.py)."""
+    valid), it dequantizes (once): the reference path; `write_into` dequantizes straight into
+    slices of attention's concatenated buffers instead (see concat_parts). The Triton backend
+    reads the packed codes (`packed(name)`) directly (kernel 2, fast/decode_quant.py)."""
 
     def __init__(self, store: Ragged, n: int | None = None):
         self.store, self.n = store, store.max_len if n is None else n
+        _, _, D, self.dtype = store.quantized["k"]
+        self.shape = (store.batch, store.heads, self.n, D)  # of the keys, and of the values
         self._part = None
 
     def packed(self, name: str) -> torch.Tensor:
         """Field `name` ("k.codes", "v.scale", ...) of the part's entries, (B, H, n, ...)."""
         return self.store.padded(name)[:, :, :self.n]
 
+    def write_into(self, k_out: torch.Tensor, v_out: torch.Tensor):
+        """Dequantize the keys and values into k_out, v_out (B, H, n, D): no copy of them after."""
+        if self._part is not None or not self.store.uniform:
+            k_out.copy_(self[0]), v_out.copy_(self[1])
+            return
+        for name, out in (("k", k_out), ("v", v_out)):
+            bits, _, D, dtype = self.store.quantized[name]
+            dequantize_packed(*(self.packed(f"{name}.{x}") for x in ("codes", "scale", "zero")), bits, D, dtype, out)
+
     def __getitem__(self, i):
+        if i in (2, 3) and self._part is None:  # positions, validity: nothing to dequantize
+            if i == 3:
+                return None if self.store.uniform or self.n < self.store.max_len else self.store.valid_mask()
+            return self.store.padded("pos", fill=-1)[:, :, :self.n]
         if self._part is None:
             part = store_part(self.store)
             self._part = part if self.n == self.store.max_len else tuple(t[:, :, :self.n] for t in part[:3]) + (None,)
         return self._part[i]
+
+
+def concat_parts(parts: list):
+    """One part (k, v, k_pos, valid) from several, in order. Keys and values are written once
+    into one buffer each; a LowBitPart dequantizes straight into its slice (no copy after)."""
+    B, H, _, D = parts[0].shape if isinstance(parts[0], LowBitPart) else parts[0][0].shape
+    dtype = parts[0].dtype if isinstance(parts[0], LowBitPart) else parts[0][0].dtype
+    sizes = [p.shape[2] if isinstance(p, LowBitPart) else p[0].size(2) for p in parts]
+    k = torch.empty(B, H, sum(sizes), D, dtype=dtype, device=parts[0][2].device)  # (B, H, L, D)
+    v = torch.empty_like(k)
+    start = 0
+    for p, n in zip(parts, sizes):
+        if isinstance(p, LowBitPart):
+            p.write_into(k[:, :, start:start + n], v[:, :, start:start + n])
+        else:
+            k[:, :, start:start + n], v[:, :, start:start + n] = p[0], p[1]
+        start += n
+    pos = torch.cat([p[2] for p in parts], dim=2)  # (B, H, L)
+    valid = None
+    if any(p[3] is not None for p in parts):
+        valid = torch.cat([torch.ones_like(p[2], dtype=torch.bool) if p[3] is None else p[3] for p in parts], dim=2)
+    return k, v, pos, valid
 
 
 class Method:

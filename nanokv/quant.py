@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 
 import torch
 
@@ -88,12 +89,21 @@ def quantize(x: torch.Tensor, bits: int, group: int):
     return codes.to(torch.uint8).reshape(x.shape), scale, zero
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype=torch.float32):
-    """Inverse of quantize: codes (..., n), scale and zero (..., n // group) -> (..., n) in dtype."""
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype=torch.float32, out=None):
+    """Inverse of quantize: codes (..., n), scale and zero (..., n // group) -> (..., n) in dtype.
+    out: a tensor (a view is fine, e.g. a slice of a larger buffer) of that shape and dtype to
+    write into instead of a new one (attention's concatenated keys: no copy after)."""
     n_groups = scale.shape[-1]
-    x = codes.float().reshape(*codes.shape[:-1], n_groups, codes.shape[-1] // n_groups)  # a new tensor:
-    x.mul_(scale.float()[..., None]).add_(zero.float()[..., None])  # code * scale + zero, in place
-    return x.reshape(codes.shape).to(dtype)
+    grouped = (*codes.shape[:-1], n_groups, codes.shape[-1] // n_groups)
+    s, z = scale.float()[..., None], zero.float()[..., None]
+    if out is not None and out.dtype == torch.float32:  # code * scale + zero, computed in fp32 straight into out
+        x = out.unflatten(-1, grouped[-2:])
+        x.copy_(codes.reshape(grouped)).mul_(s).add_(z)  # exact: a uint8 code converts to fp32 exactly
+        return out
+    x = codes.float().reshape(grouped)  # a new tensor:
+    x.mul_(s).add_(z)  # code * scale + zero, in place
+    x = x.reshape(codes.shape).to(dtype)  # fp32 arithmetic, then the model's dtype (the same bits either way)
+    return x if out is None else out.copy_(x)
 
 
 def _chunk(bits: int) -> tuple[int, int]:
@@ -122,13 +132,28 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return out.to(torch.uint8).flatten(-2)
 
 
+def _split_bytes(x: torch.Tensor, half: int) -> torch.Tensor:
+    """(..., m) uint8 of values below 2^(2 * half) -> (..., 2m): each value's low `half` bits,
+    then its next `half` bits. Done in 16-bit words so that every step reads and writes whole
+    contiguous tensors (writing every other byte is several times slower): w | (w << (8 - half))
+    puts the high part in the word's second byte, the mask clears the rest, and the words read
+    as bytes (little-endian) are the two parts in order."""
+    w = x.to(torch.int16)
+    w.bitwise_or_(w << (8 - half)).bitwise_and_((2**half - 1) * 0x0101)
+    return w.view(torch.uint8)
+
+
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of pack: (..., packed_bytes(n, bits)) uint8 -> codes (..., n) uint8."""
     check_bits(bits)
     per, nbytes = _chunk(bits)
-    if nbytes == 1:  # 2, 4, 8 bits: whole codes in each byte, shifted out in uint8 (no wide integers)
-        mask = 2**bits - 1
-        codes = torch.stack([(packed >> (bits * i)) & mask for i in range(per)], dim=-1)  # (..., bytes, per)
+    if nbytes == 1 and sys.byteorder == "little":  # 2, 4, 8 bits: whole codes in each byte
+        codes = packed
+        for half in (4, 2)[:int(math.log2(per))]:  # 4 bits: one split; 2 bits: two
+            codes = _split_bytes(codes, half)
+        return codes[..., :n]
+    if nbytes == 1:
+        codes = torch.stack([(packed >> (bits * i)) & (2**bits - 1) for i in range(per)], dim=-1)
         return codes.flatten(-2)[..., :n]
     b = packed.to(torch.int64).reshape(*packed.shape[:-1], packed.shape[-1] // nbytes, nbytes)
     word = (b << (torch.arange(nbytes, device=packed.device) * 8)).sum(dim=-1)
@@ -143,5 +168,5 @@ def quantize_packed(x: torch.Tensor, bits: int, group: int):
     return pack(codes, bits), scale, zero
 
 
-def dequantize_packed(packed, scale, zero, bits: int, n: int, dtype=torch.float32):
-    return dequantize(unpack(packed, bits, n), scale, zero, dtype)
+def dequantize_packed(packed, scale, zero, bits: int, n: int, dtype=torch.float32, out=None):
+    return dequantize(unpack(packed, bits, n), scale, zero, dtype, out)

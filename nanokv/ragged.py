@@ -120,15 +120,15 @@ class Ragged:
         slots = torch.arange(self.max_len, device=self.lengths.device)
         return slots[None, None, :] < self.lengths[:, :, None]
 
-    def padded(self, name: str, fill: float = 0.0) -> torch.Tensor:
+    def padded(self, name: str, fill: float = 0.0, out: torch.Tensor | None = None) -> torch.Tensor:
         """Field `name` as (B, H, Lmax, *trailing); a view when lengths are uniform
-        (a dequantized copy for a low-bit field)."""
+        (a dequantized copy for a low-bit field, written into `out` when given)."""
         if name in self.quantized:
             from .quant import dequantize_packed
 
             bits, _, dim, dtype = self.quantized[name]
             return dequantize_packed(self.padded(f"{name}.codes"), self.padded(f"{name}.scale"),
-                                     self.padded(f"{name}.zero"), bits, dim, dtype)
+                                     self.padded(f"{name}.zero"), bits, dim, dtype, out)
         t = self.fields[name]
         if self.uniform:
             return t[:, :, : self._uniform_len]

@@ -85,14 +85,14 @@ class KIVI(Method):
         """(k, v, pos, None): every token's key and value, (B, H, n, D), in token order."""
         kq, vq, vr = layer.segments["kq"], layer.segments["vq"], layer.segments["vr"]
         dtype, G, D = layer.dtype, self.G, layer.trailing["k"][0]
-        B, H, C = kq.batch, kq.heads, kq.max_len  # C chunks of G tokens per head
-        codes = kq.padded("codes")  # (B, H, C, D, bytes)
-        k_old = dequantize_packed(codes, kq.padded("scale")[..., None], kq.padded("zero")[..., None],
-                                  self.bits, G, dtype)  # (B, H, C, D, G)
-        k_old = k_old.transpose(-1, -2).reshape(B, H, C * G, D)  # token order within each chunk
-        v_old = vq.padded("v")
-        k = torch.cat([k_old, layer.padded("k")], dim=2)
-        v = torch.cat([v_old, vr.padded("v")], dim=2)
+        B, H, C, nv = kq.batch, kq.heads, kq.max_len, vq.max_len  # C chunks of G tokens per head; nv values quantized
+        k, v = torch.empty(2, B, H, C * G + layer.max_len, D, dtype=dtype, device=layer.lengths.device)  # (B, H, n, D)
+        k_old = k[:, :, :C * G].unflatten(2, (C, G)).transpose(-1, -2)  # (B, H, C, D, G): a view, token order in each chunk
+        dequantize_packed(kq.padded("codes"), kq.padded("scale")[..., None], kq.padded("zero")[..., None],
+                          self.bits, G, dtype, out=k_old)  # codes (B, H, C, D, bytes), written into k
+        k[:, :, C * G:] = layer.padded("k")
+        vq.padded("v", out=v[:, :, :nv])  # the quantized values, then the residual
+        v[:, :, nv:] = vr.padded("v")
         pos = torch.cat([kq.padded("pos").reshape(B, H, C * G), layer.padded("pos")], dim=2)
         return k, v, pos, None
 
