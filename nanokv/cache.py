@@ -232,6 +232,8 @@ class KVCache:
             piece, pos = slice(start, start + n), call_pos[start:start + n]  # (n,) positions
             fresh = (k[:, :, :start + n], v[:, :, :start + n], call_pos[:start + n])  # the call's tokens so far
             layer.n_new = n
+            if n > 1:  # the general rules read slot order as position order
+                layer.sort_by_position()
             m.store(layer, k[:, :, piece], v[:, :, piece], pos)
             out, probs = self.attention_over(q[:, :, piece], m.gather(layer, fresh), pos, with_probs=m.needs_probs)
             m.compress(layer, m.observe(layer, probs, q[:, :, piece]))

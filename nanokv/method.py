@@ -191,7 +191,7 @@ class Method:
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
-                         if not k.startswith("_") and k not in ("needs_probs", "probs_rows"))
+                         if not k.startswith("_") and k not in ("needs_probs", "probs_rows", "evicts_in_place"))
         return f"{type(self).__name__}({args})"
 
 
@@ -204,6 +204,10 @@ class ScoredEviction(Method):
                     ties broken by position (the more recent entry wins)
     Subclasses implement score(layer) -> (B, H, Lmax) float, higher = keep (or return this
     call's scores from observe, as TOVA does).
+    How: a prefill (or any piece over budget by more than one) ranks every entry (top_k_mask)
+    and compacts the store; a decode step drops one entry per head, found with an argmin, and
+    writes the new token into its slot (evict: Ragged.evict_in_place), so the slots stop being
+    in position order (ARCHITECTURE.md, "Slot order"). Both choose the same entries.
     """
 
     name = "scored"
@@ -224,15 +228,45 @@ class ScoredEviction(Method):
     def score(self, layer: Ragged) -> torch.Tensor:
         raise NotImplementedError
 
+    evicts_in_place = True  # False: every eviction compacts the store (slots stay in position order)
+
     def compress(self, layer: Ragged, scores=None):
-        if layer.max_len <= self.budget:
-            return
-        layer.keep(self.keep_mask(layer, self.score(layer) if scores is None else scores, self.budget))
+        if layer.max_len > self.budget:
+            self.evict(layer, self.keep_mask(layer, self.score(layer) if scores is None else scores, self.budget))
 
     def keep_mask(self, layer: Ragged, score: torch.Tensor, budget) -> torch.Tensor:
         """(B, H, Lmax) bool: protected entries plus the top-scoring rest, `budget` per head
-        (an int, or a (B, H) tensor of per-head budgets)."""
+        (an int, or a (B, H) tensor of per-head budgets). At a decode step (one new token,
+        budget + 1 held by every head) the one entry to drop is found without sorting."""
+        if self._one_out(layer, budget):
+            slot = self.evicted_slot(layer, score)  # (B, H)
+            return torch.ones_like(score, dtype=torch.bool).scatter_(-1, slot[..., None], False)
         return top_k_mask(layer.lengths, score, budget, self.n_sink, self.window)
+
+    def evict(self, layer: Ragged, keep: torch.Tensor):
+        """Hold only the entries where keep (B, H, Lmax) is True: at a decode step in place (the
+        dropped entry's slot takes the newest token: Ragged.evict_in_place), else compacting."""
+        if self.evicts_in_place and self._one_out(layer, self.budget):
+            layer.evict_in_place((~keep).byte().argmax(dim=-1))  # (B, H) the one dropped slot
+        else:
+            layer.keep(keep)
+
+    @staticmethod
+    def _one_out(layer: Ragged, budget) -> bool:
+        return isinstance(budget, int) and layer.n_new == 1 and layer.uniform and layer.max_len == budget + 1
+
+    def evicted_slot(self, layer: Ragged, score: torch.Tensor) -> torch.Tensor:
+        """(B, H) the slot of the one entry each head drops when it holds budget + 1: the entry
+        top_k_mask drops, found by position (after in-place evictions the slots are no longer in
+        position order). The n_sink oldest and window newest entries are the positions < n_sink
+        and > newest - window: every head holds those, since every token is stored when it
+        arrives and they were protected ever since."""
+        pos = layer.padded("pos")  # (B, H, L) int32
+        newest = layer.n_seen + layer.n_new - 1  # the position of the token just stored
+        protected = (pos < self.n_sink) | (pos > newest - self.window)
+        s = score.float().masked_fill(protected, float("inf"))  # (B, H, L)
+        lowest = s == s.amin(dim=-1, keepdim=True)
+        return torch.where(lowest, pos, torch.iinfo(pos.dtype).max).argmin(dim=-1)  # ties: the oldest goes
 
 
 def top_k_mask(lengths, score, budget, n_sink: int = 0, window: int = 0) -> torch.Tensor:

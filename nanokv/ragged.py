@@ -2,7 +2,7 @@
 Ragged storage: the layout every cache layer uses.
 
 A layer of a KV cache holds, for every (batch row b, head h), a list of entries: one per
-kept token, in position order. A "field" is any per-entry tensor: keys k (D,), values v
+kept token, in position order (but see evict_in_place). A "field" is any per-entry tensor: keys k (D,), values v
 (D,), original positions pos (), and whatever per-token state a method keeps (H2O's
 accumulated attention, Scissorhands' bit history, packed low-bit codes, ...). All fields
 share `lengths` (B, H), so appending and evicting keep them aligned by construction.
@@ -21,7 +21,10 @@ Two layouts, chosen automatically after every change:
            mask for one computation; that copy is never held.
 
 After an eviction (`keep`) the buffer is exactly the size of what is kept (no spare slots),
-so a compressed cache's bytes are exactly budget x per-entry bytes.
+so a compressed cache's bytes are exactly budget x per-entry bytes. A decode step's eviction
+(`evict_in_place`: the newest entry overwrites the dropped one, nothing is compacted) keeps
+one spare slot per head instead, reported as padding, and leaves the slots out of position
+order until `sort_by_position`.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class Ragged:
         self.quantized: dict[str, tuple] = {}  # name -> (bits, group, dim, dtype) of low-bit fields
         self.backend = "torch"  # the cache's backend (set by it): "triton" packs with fast/quant.py
         self.bits: int | None = None  # the bits keys and values are stored at here (None: the model dtype)
+        self.ordered = True  # entries in position order in every head (False after evict_in_place)
 
     # ------------------------------------------------------------------ declaring fields
     def add_field(self, name: str, kind: str, trailing: tuple, dtype: torch.dtype, fill: float = 0.0):
@@ -232,6 +236,37 @@ class Ragged:
                 out.index_fill_(0, new_dst, self.fills[name])
             self.fields[name] = out
         self._set_lengths(new_len)
+
+    def evict_in_place(self, slots: torch.Tensor):
+        """Uniform layout: drop the entry at slot `slots[b, h]` (B, H) of every head by writing
+        the head's last entry (its newest) over it; every head gets one entry shorter. No other
+        entry moves and no buffer is built (a decode step of an eviction method: one token in,
+        one out), so the slots stop being in position order (`ordered` False) until
+        `sort_by_position`. The freed last slot stays allocated for the next token (reported as
+        padding): buffers hold exactly one spare slot per head."""
+        B, H, L, C = self.batch, self.heads, self._uniform_len, self.capacity
+        first = C * torch.arange(B * H, device=slots.device)  # (B*H,) each head's first row in (B*H*C, ...)
+        dst, src = first + slots.flatten(), first + (L - 1)
+        for name, t in self.fields.items():
+            rows = t.view(B * H * C, *self.trailing[name])
+            rows.index_copy_(0, dst, rows.index_select(0, src))
+        self.lengths = self.lengths - 1
+        self._uniform_len = self._max_len = L - 1
+        self.ordered = False
+        if C > L:  # the first such step: shrink to the one spare slot (a copy, once)
+            self._grow(L)
+
+    def sort_by_position(self):
+        """Put every head's entries back in position order (after `evict_in_place`); one copy per
+        field, buffers exactly the size of what is held."""
+        if self.ordered:
+            return
+        B, H, C = self.batch, self.heads, self.capacity
+        order = torch.argsort(self.padded("pos"), dim=-1, stable=True)  # (B, H, L)
+        rows = (order + C * torch.arange(B * H, device=order.device).view(B, H, 1)).flatten()
+        for name, t in self.fields.items():
+            self.fields[name] = t.flatten(0, 2).index_select(0, rows).view(B, H, self._uniform_len, *self.trailing[name])
+        self.ordered = True
 
     def keep(self, mask: torch.Tensor):
         """Keep the entries where mask (B, H, Lmax) is True (padded slots must be False).

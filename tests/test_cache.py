@@ -253,7 +253,9 @@ def test_generate_reserves_room_for_the_new_tokens_once(monkeypatch, name):
         assert calls == [12] * n + [held + 8] * n
         assert cache.memory_breakdown()["padding"] == 0
         assert cache.memory_bytes() == walk_tensor_bytes(cache)
-    else:
-        assert set(calls) == {12}  # grow_by steps only (eviction sizes the buffers to what it keeps)
+    else:  # grow_by steps, then once down to budget + 1 slots: decode steps evict in place into one spare slot
+        assert calls == [12] * n + [12, 9] * n  # per layer: the prefill; the first decode step grows, then shrinks
+        per_slot = 2 * 16 * 4 + 4 + 4  # keys and values (4 heads of 16, fp32), position, accumulated attention
+        assert cache.memory_breakdown()["padding"] == n * 2 * 4 * per_slot  # one spare slot per (row, head)
     with pytest.raises(ValueError, match="new_tokens must be an int >= 0"):
         cache.reserve(-1)

@@ -321,3 +321,56 @@ def test_prompt_shorter_than_window_not_compressed():
     with torch.no_grad():
         model(torch.randint(0, 256, (1, 20)), cache=cache)
     assert cache.kept_positions(1, 0, 3).tolist() == list(range(20))
+
+
+class _Constant(METHODS["knorm"]):
+    """Every entry scores the same: which one goes is decided by the tie-break alone."""
+
+    def score(self, layer):
+        return torch.zeros(layer.batch, layer.heads, layer.max_len)
+
+
+@pytest.mark.parametrize("name", ["h2o", "tova", "knorm", "streamingllm", "d2o", "ties"])
+def test_in_place_eviction_equals_compacting(name):
+    """A decode step writes the new token into the slot of the one it evicts (Ragged.evict_in_place;
+    no compaction, one spare slot); with evicts_in_place off every step compacts the store as the
+    prefill does. Same kept sets after every call (a 3-token chunk in the middle puts the slots
+    back in position order first), logits within float reassociation (attention sums the kept
+    entries in another order), one spare slot per (row, head) after a decode step."""
+    model = peaked_model(seed=3)
+    idx = torch.randint(0, 256, (BATCH, 64), generator=torch.Generator().manual_seed(3))
+    calls = [(0, 30)] + [(t, t + 1) for t in range(30, 45)] + [(45, 48)] + [(t, t + 1) for t in range(48, 64)]
+
+    def make():
+        if name == "ties":
+            return _Constant(budget=12, n_sink=2, window=3)
+        return METHODS[name].scaled(12, **({"n_sink": 2} if name == "h2o" else {}))
+
+    runs = []
+    for in_place in (True, False):
+        method = make()
+        method.evicts_in_place = in_place
+        cache = KVCache(model.config, method)
+        logits, kept = [], []
+        with torch.no_grad():
+            for a, b in calls:
+                logits.append(model(idx[:, a:b], cache=cache)[0])
+                kept.append([cache.kept_positions(l, r, h).tolist() for l in range(2) for r in range(BATCH)
+                             for h in range(4)])
+        runs.append((logits, kept, cache))
+    (l1, k1, c1), (l2, k2, c2) = runs
+    assert k1 == k2
+    diff = max((a - b).abs().max().item() for a, b in zip(l1, l2))
+    print(f"{name}: in place vs compacting, max logit diff {diff:.2g}")
+    assert diff <= 1e-5
+    assert not c1.layers[0].ordered and c2.layers[0].ordered  # the slots really were reused out of order
+    per_slot = sum(t[0, 0, 0].numel() * t.element_size() for t in c1.layers[0].fields.values())
+    assert c1.memory_breakdown()["padding"] == 2 * BATCH * 4 * per_slot and c2.memory_breakdown()["padding"] == 0
+    for layer in c1.layers:  # back in position order: the same store as the compacting run's, bit for bit
+        layer.sort_by_position()
+    for i, (a, b) in enumerate(zip(c1.layers, c2.layers)):  # layer 0's keys and values come from the tokens alone
+        for f in a.fields:
+            if (i == 0 and f in ("k", "v")) or f == "pos":
+                assert torch.equal(a.padded(f), b.padded(f)), f
+            else:
+                assert torch.allclose(a.padded(f), b.padded(f), rtol=0, atol=1e-5), f

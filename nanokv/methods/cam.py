@@ -8,16 +8,15 @@ accumulated attention and W the next `m` kept tokens after e (fewer at the end o
     p_e = clamp(A[e] / mean over j in W of A[j], 0, max_prob)
     z_e ~ Bernoulli(p_e)
     v_j += z_e * v_e / |W|          for every j in W
-then (k_e, v_e) are dropped. Keys are never merged. m defaults to 16 (the official
-generation code); max_prob = 0 turns merging off and leaves exactly the eviction policy.
+then (k_e, v_e) are dropped. Keys are never merged. m defaults to 16 (the official generation
+code); max_prob = 0 turns merging off and leaves exactly the eviction policy (H2O's compress).
 
-Choices: the eviction policy is H2O's (the official code's sinks + recent window is H2O with
-recent = budget - n_sink and no heavy hitters); W counts kept tokens only, as kvpress does;
-contributions of several evicted tokens add up (A is not changed by merging). The Bernoulli
-draws are seeded and stateless: each call uses a generator seeded from (seed, layer, tokens
-seen), so runs and clones are reproducible; every batch row uses the same draws, so a row's
-result does not depend on the batch it is in.
-Grouped-query models (nanokv.hf): attention is the mean of a key-value head's query heads' rows.
+Choices: the eviction policy is H2O's (the official code's sinks + recent window is H2O with recent
+= budget - n_sink and no heavy hitters); W counts kept tokens only, as kvpress does; contributions
+of several evicted tokens add up (A is not changed by merging). The Bernoulli draws are seeded and
+stateless: each call uses a generator seeded from (seed, layer, tokens seen), so runs and clones
+are reproducible; every batch row uses the same draws, so a row's result does not depend on the
+batch it is in. Grouped-query models (nanokv.hf): A sums the mean row of a key-value head's queries.
 """
 
 import torch
@@ -39,11 +38,12 @@ class CaM(H2O):
         self.m, self.max_prob, self.seed = m, float(max_prob), seed
 
     def compress(self, layer, scores=None):
-        if layer.max_len > self.budget:
+        if layer.max_len > self.budget and self.max_prob > 0:
             keep = self.keep_mask(layer, self.score(layer), self.budget)  # (B, H, L)
-            if self.max_prob > 0:
-                self.merge_values(layer, keep)
+            self.merge_values(layer, keep)
             layer.keep(keep)
+        else:  # nothing to evict, or never merges: exactly H2O
+            super().compress(layer, scores)
 
     def merge_values(self, layer, keep):
         B, H, L = keep.shape

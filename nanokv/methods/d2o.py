@@ -55,7 +55,7 @@ class D2O(H2O):
         keep = self.keep_mask(layer, self.score(layer), self.budget)
         if self.threshold is None or not math.isinf(self.threshold):
             self.merge(layer, keep)
-        layer.keep(keep)
+        self.evict(layer, keep)
 
     def merge(self, layer, keep):
         evicted = layer.valid_mask() & ~keep  # (B, H, L)

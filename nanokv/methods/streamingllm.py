@@ -36,7 +36,7 @@ class StreamingLLM(ScoredEviction):
         if not isinstance(reposition, bool):
             raise TypeError(f"reposition must be True or False, got {reposition!r}")
         super().__init__(budget, n_sink=n_sink, window=budget - n_sink)
-        self.reposition = reposition
+        self.reposition, self.evicts_in_place = reposition, not reposition  # repositioning reads slot order
 
     @classmethod
     def scaled(cls, budget, **kwargs):
