@@ -80,13 +80,13 @@ def quantize(x: torch.Tensor, bits: int, group: int):
     check_bits(bits)
     check_group(x.shape[-1], group, "the quantized dimension")
     xg = x.float().reshape(*x.shape[:-1], x.shape[-1] // group, group)
-    zero = xg.amin(dim=-1).half()
-    scale = ((xg.amax(dim=-1) - xg.amin(dim=-1)) / (2**bits - 1)).half()
+    low, high = torch.aminmax(xg, dim=-1)
+    zero = low.half()
+    scale = ((high - low) / (2**bits - 1)).half()
     z, s = zero.float()[..., None], scale.float()[..., None]
-    safe = torch.where(s > 0, s, torch.ones_like(s))  # constant group: no division by zero
-    codes = torch.round((xg - z) / safe).clamp(0, 2**bits - 1)
-    codes = torch.where(s > 0, codes, torch.zeros_like(codes))
-    return codes.to(torch.uint8).reshape(x.shape), scale, zero
+    varies = s > 0  # a constant group has scale 0: code 0, no division by zero
+    codes = torch.round((xg - z) / torch.where(varies, s, 1.0)).clamp_(0, 2**bits - 1)
+    return codes.masked_fill_(~varies, 0).to(torch.uint8).reshape(x.shape), scale, zero
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype=torch.float32, out=None):
@@ -124,6 +124,12 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     per, nbytes = _chunk(bits)
     n = codes.shape[-1]
     pad = (-n) % per
+    if nbytes == 1 and pad == 0:  # 2, 4, 8 bits: OR the codes of each byte together in uint8
+        c = codes.reshape(*codes.shape[:-1], n // per, per)
+        out = c[..., 0].clone()
+        for i in range(1, per):
+            out |= c[..., i] << (bits * i)
+        return out
     c = torch.nn.functional.pad(codes.to(torch.int64), (0, pad)).reshape(*codes.shape[:-1], (n + pad) // per, per)
     shifts = torch.arange(per, device=codes.device) * bits
     word = (c << shifts).sum(dim=-1)  # (..., chunks) one integer of per*bits bits
