@@ -168,6 +168,18 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return codes.flatten(-2)[..., :n].to(torch.uint8)
 
 
+def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """unpack along the second-to-last dim: (..., packed_bytes(n, bits), D) uint8 -> codes
+    (..., n, D) uint8. For codes packed along tokens, one row of D channels per byte row (KIVI's
+    per-channel keys): each code comes out as a whole row, so every write is contiguous."""
+    per, nbytes = _chunk(bits)
+    if nbytes != 1:  # 3 bits: codes straddle bytes
+        return unpack(packed.transpose(-1, -2), bits, n).transpose(-1, -2)
+    rows = [packed >> (bits * i) for i in range(per)]  # code i of every byte: bits [bits * i, bits * (i + 1))
+    codes = torch.stack([r & (2**bits - 1) if i < per - 1 else r for i, r in enumerate(rows)], dim=-2)
+    return codes.flatten(-3, -2)[..., :n, :]  # (..., bytes, per, D) -> (..., n, D)
+
+
 def quantize_packed(x: torch.Tensor, bits: int, group: int):
     """quantize + pack along the last dim: (packed uint8, scale fp16, zero fp16)."""
     codes, scale, zero = quantize(x, bits, group)

@@ -273,19 +273,19 @@ class Ragged:
         The order of the kept entries is unchanged; buffers shrink to exactly what is kept."""
         if mask.shape != (self.batch, self.heads, self.max_len):
             raise ValueError(f"keep mask must be {(self.batch, self.heads, self.max_len)}, got {tuple(mask.shape)}")
-        valid = self.valid_mask()
-        if (mask & ~valid).any():
-            raise ValueError("keep mask selects padded slots that hold no entry")
         counts = mask.sum(dim=-1)  # (B, H)
         n = int(counts[0, 0]) if counts.numel() else 0
         if self.uniform and bool((counts == n).all()):  # uniform stays uniform: one gather per field
-            B, H, C = self.batch, self.heads, self.capacity
-            slots = mask_slots(mask, n)  # (B, H, n), in order
-            rows = (slots + C * torch.arange(B * H, device=slots.device).view(B, H, 1)).flatten()  # (B*H*n,)
+            B, H, C, L = self.batch, self.heads, self.capacity, self.max_len  # (no padded slot to select)
+            kept = mask.flatten().nonzero().squeeze(1)  # (B*H*n,) b*H*L + h*L + slot, in order
+            rows = kept + (C - L) * torch.div(kept, max(L, 1), rounding_mode="floor")  # the same in (B*H*C) rows
             for name, t in self.fields.items():  # whole rows of each buffer viewed as (B*H*C, *trailing)
                 self.fields[name] = t.flatten(0, 2).index_select(0, rows).view(B, H, n, *self.trailing[name])
-            self._set_lengths(counts)
+            self.lengths, self._uniform_len, self._max_len = counts, n, n
             return
+        valid = self.valid_mask()
+        if (mask & ~valid).any():
+            raise ValueError("keep mask selects padded slots that hold no entry")
         flat = mask[valid]  # (N,) in the flat (b, h, slot) order
         kept = {name: self.flat(name)[flat] for name in self.fields}
         self._set_lengths(counts)

@@ -30,7 +30,7 @@ the Triton backend hands its packed codes to kernel 2 instead (fast/decode_quant
 import torch
 
 from ..method import Method, _check_int
-from ..quant import check_bits, check_group, check_group_saves, dequantize_packed, packed_bytes
+from ..quant import check_bits, check_group, check_group_saves, dequantize, packed_bytes, unpack_rows
 from ..ragged import Ragged
 
 
@@ -87,9 +87,9 @@ class KIVI(Method):
         dtype, G, D = layer.dtype, self.G, layer.trailing["k"][0]
         B, H, C, nv = kq.batch, kq.heads, kq.max_len, vq.max_len  # C chunks of G tokens per head; nv values quantized
         k, v = torch.empty(2, B, H, C * G + layer.max_len, D, dtype=dtype, device=layer.lengths.device)  # (B, H, n, D)
-        k_old = k[:, :, :C * G].unflatten(2, (C, G)).transpose(-1, -2)  # (B, H, C, D, G): a view, token order in each chunk
-        dequantize_packed(kq.padded("codes"), kq.padded("scale")[..., None], kq.padded("zero")[..., None],
-                          self.bits, G, dtype, out=k_old)  # codes (B, H, C, D, bytes), written into k
+        codes = unpack_rows(kq.padded("codes").transpose(-1, -2), self.bits, G)  # (B, H, C, G, D): token order in each chunk
+        dequantize(codes, kq.padded("scale")[:, :, :, None], kq.padded("zero")[:, :, :, None], dtype,
+                   out=k[:, :, :C * G].unflatten(2, (C, G)))  # scale, zero (B, H, C, 1, D): one per chunk and channel
         k[:, :, C * G:] = layer.padded("k")
         vq.padded("v", out=v[:, :, :nv])  # the quantized values, then the residual
         v[:, :, nv:] = vr.padded("v")
