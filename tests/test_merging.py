@@ -246,7 +246,7 @@ def test_cam_is_seeded_and_merges_with_probability_p():
     for seed in (0, 1):
         cam = METHODS["cam"](budget=20, m=4, seed=seed)
         copy_ = copy.deepcopy(layer)
-        cam.merge_values(copy_, keep)
+        cam.merge(copy_, keep)
         merged.append((copy_.padded("v") != layer.padded("v")).any(-1) & keep)  # receivers
     assert not torch.equal(merged[0], merged[1])
     rate = merged[0].float().mean().item() * 2  # every kept token receives from ~4 evicted ones

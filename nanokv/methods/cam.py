@@ -9,7 +9,7 @@ accumulated attention and W the next `m` kept tokens after e (fewer at the end o
     z_e ~ Bernoulli(p_e)
     v_j += z_e * v_e / |W|          for every j in W
 then (k_e, v_e) are dropped. Keys are never merged. m defaults to 16 (the official generation
-code); max_prob = 0 turns merging off and leaves exactly the eviction policy (H2O's compress).
+code); max_prob = 0 turns merging off and leaves exactly the eviction policy (H2O's, evicting in place).
 
 Choices: the eviction policy is H2O's (the official code's sinks + recent window is H2O with recent
 = budget - n_sink and no heavy hitters); W counts kept tokens only, as kvpress does; contributions
@@ -36,16 +36,11 @@ class CaM(H2O):
             raise ValueError(f"m (merge window) must be an int >= 1, got {m!r}")
         _check_number("max_prob", max_prob, 0, 1)
         self.m, self.max_prob, self.seed = m, float(max_prob), seed
+        self.evicts_in_place = self.max_prob == 0  # W reads slot order: a merging CaM compacts
 
-    def compress(self, layer, scores=None):
-        if layer.max_len > self.budget and self.max_prob > 0:
-            keep = self.keep_mask(layer, self.score(layer), self.budget)  # (B, H, L)
-            self.merge_values(layer, keep)
-            layer.keep(keep)
-        else:  # nothing to evict, or never merges: exactly H2O
-            super().compress(layer, scores)
-
-    def merge_values(self, layer, keep):
+    def merge(self, layer, keep):  # H2O's compress calls this with its keep mask (B, H, L), then evicts
+        if self.max_prob == 0:  # never merges: exactly H2O
+            return
         B, H, L = keep.shape
         evicted = layer.valid_mask() & ~keep  # (B, H, L); at decode one token per head
         e = mask_slots(evicted)  # (B, H, m_e): work on the evicted rows only

@@ -49,17 +49,9 @@ class D2O(H2O):
         kwargs.setdefault("n_sink", min(4, budget // 4))
         return cls(budget=budget, **kwargs)
 
-    def compress(self, layer, scores=None):
-        if layer.max_len <= self.budget:
-            return
-        keep = self.keep_mask(layer, self.score(layer), self.budget)
-        if self.threshold is None or not math.isinf(self.threshold):
-            self.merge(layer, keep)
-        self.evict(layer, keep)
-
-    def merge(self, layer, keep):
+    def merge(self, layer, keep):  # H2O's compress calls this with its keep mask (B, H, L), then evicts
         evicted = layer.valid_mask() & ~keep  # (B, H, L)
-        if not evicted.any():
+        if not evicted.any() or (self.threshold is not None and math.isinf(self.threshold)):
             return
         k, v = layer.padded("k").float(), layer.padded("v").float()
         s, center = layer.nearest_center(k, None, keep, evicted)  # (B, H, L): key cosine
