@@ -172,6 +172,9 @@ class KVCache:
         # and the largest fp32 probability matrix the reference attention built (peak_scores_bytes)
         self.track_peak, self.peak_bytes, self.peak_scores_bytes = False, 0, 0
         self._owner = None  # weak reference to the model using this cache (see bind)
+        from .method import Scratch
+
+        self._scratch = Scratch()  # the concatenated keys and values of one forward pass (attention_over)
 
     # ------------------------------------------------------------------ the call the model makes
     @property
@@ -219,7 +222,10 @@ class KVCache:
             if layer.n_seen:
                 raise ValueError(f"layer {layer_idx} got {q.device} tensors; its cache lives on {layer.lengths.device}")
             layer = self.layers[layer_idx] = self._new_layer(layer_idx, q.device)
-        return self._pipeline(layer, q, k, v)
+        out = self._pipeline(layer, q, k, v)
+        if layer_idx == self.config.n_layer - 1:  # the forward pass is done: hold nothing between calls
+            self._scratch.buf = None
+        return out
 
     def _pipeline(self, layer: Layer, q, k, v):
         """The one flow every method goes through (nanokv/method.py names the hooks): store the
@@ -262,12 +268,12 @@ class KVCache:
             routed = self._decode_quant(q, parts)
             if routed is not None:
                 return routed
-        if len(parts) == 1:
-            k, v, k_pos, valid = parts[0]
-        else:
-            from .method import concat_parts
+        from .method import PackedPart, concat_parts
 
-            k, v, k_pos, valid = concat_parts(parts)
+        if len(parts) == 1 and not isinstance(parts[0], PackedPart):
+            k, v, k_pos, valid = parts[0]
+        else:  # several parts, or packed ones: one key and one value buffer, reused by the next layer
+            k, v, k_pos, valid = concat_parts(parts, self._scratch)
         rows = self.method.probs_rows
         if self.backend == "triton" and (q.size(2) == 1 or not with_probs or rows is not None):
             G = q.size(1) // k.size(1)
@@ -429,11 +435,13 @@ class KVCache:
     # ------------------------------------------------------------------ life cycle
     def clone(self) -> "KVCache":
         """An independent copy: compress a context once, then ask it many questions."""
+        self._scratch.buf = None  # scratch, not state: not worth copying
         return copy.deepcopy(self)
 
     def reset(self):
         """Forget everything: the cache becomes as new (same config, method and backend)."""
         self.layers = None
+        self._scratch.buf = None
         self.peak_bytes = self.peak_scores_bytes = 0
         self._owner = None
         self.method.reset()

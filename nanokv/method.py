@@ -65,63 +65,95 @@ def store_part(store: Ragged, k: str = "k", v: str = "v"):
     return store.padded(k), store.padded(v), store.padded("pos", fill=-1), valid
 
 
-class LowBitPart:
+class PackedPart:
+    """An attention part held packed in low bits. Subclasses give `D`, `dtype`, `positions()`
+    (B, H, n) and `write_into(k_out, v_out)`, which dequantizes keys and values into two
+    (B, H, n, D) tensors (views into attention's concatenated buffers: see concat_parts).
+    Indexed like a part, (k, v, k_pos, valid), it dequantizes into new tensors, once."""
+
+    _kv = None
+
+    def __getitem__(self, i):
+        if i == 2:
+            return self.positions()
+        if i == 3:
+            return self.valid()
+        if self._kv is None:
+            pos = self.positions()
+            self._kv = torch.empty(2, *pos.shape, self.D, dtype=self.dtype, device=pos.device)
+            self.write_into(self._kv[0], self._kv[1])
+        return self._kv[i]
+
+    def valid(self):
+        return None  # (B, H, n) bool where heads hold different numbers of entries
+
+
+class LowBitPart(PackedPart):
     """A store of packed low-bit keys and values (its first `n` entries per head, all when n is
-    None; n needs equal head lengths) as an attention part. Indexed like a part, (k, v, k_pos,
-    valid), it dequantizes (once): the reference path; `write_into` dequantizes straight into
-    slices of attention's concatenated buffers instead (see concat_parts). The Triton backend
-    reads the packed codes (`packed(name)`) directly (kernel 2, fast/decode_quant.py)."""
+    None; n needs equal head lengths) as an attention part: the reference dequantizes it (code *
+    scale + zero); the Triton backend reads the packed codes (`packed(name)`) directly instead
+    (kernel 2, fast/decode_quant.py)."""
 
     def __init__(self, store: Ragged, n: int | None = None):
         self.store, self.n = store, store.max_len if n is None else n
-        _, _, D, self.dtype = store.quantized["k"]
-        self.shape = (store.batch, store.heads, self.n, D)  # of the keys, and of the values
-        self._part = None
+        _, _, self.D, self.dtype = store.quantized["k"]
 
     def packed(self, name: str) -> torch.Tensor:
         """Field `name` ("k.codes", "v.scale", ...) of the part's entries, (B, H, n, ...)."""
         return self.store.padded(name)[:, :, :self.n]
 
+    def positions(self):
+        return self.store.padded("pos", fill=-1)[:, :, :self.n]
+
+    def valid(self):
+        return None if self.store.uniform or self.n < self.store.max_len else self.store.valid_mask()
+
     def write_into(self, k_out: torch.Tensor, v_out: torch.Tensor):
-        """Dequantize the keys and values into k_out, v_out (B, H, n, D): no copy of them after."""
-        if self._part is not None or not self.store.uniform:
-            k_out.copy_(self[0]), v_out.copy_(self[1])
-            return
         for name, out in (("k", k_out), ("v", v_out)):
             bits, _, D, dtype = self.store.quantized[name]
-            dequantize_packed(*(self.packed(f"{name}.{x}") for x in ("codes", "scale", "zero")), bits, D, dtype, out)
-
-    def __getitem__(self, i):
-        if i in (2, 3) and self._part is None:  # positions, validity: nothing to dequantize
-            if i == 3:
-                return None if self.store.uniform or self.n < self.store.max_len else self.store.valid_mask()
-            return self.store.padded("pos", fill=-1)[:, :, :self.n]
-        if self._part is None:
-            part = store_part(self.store)
-            self._part = part if self.n == self.store.max_len else tuple(t[:, :, :self.n] for t in part[:3]) + (None,)
-        return self._part[i]
+            if self.store.uniform:
+                dequantize_packed(*(self.packed(f"{name}.{x}") for x in ("codes", "scale", "zero")), bits, D, dtype, out)
+            else:  # ragged heads: the store builds the padded copy
+                out.copy_(self.store.padded(name)[:, :, :self.n])
 
 
-def concat_parts(parts: list):
+class Scratch:
+    """One buffer that every layer of a forward pass reuses for its concatenated keys and values
+    (KVCache drops it after the last layer, so nothing is held between calls). The CPU has no
+    caching allocator: a new multi-megabyte buffer per layer costs page faults, which on a
+    virtual machine take as long as the dequantization itself."""
+
+    buf = None
+
+    def take(self, numel: int, dtype, device) -> torch.Tensor:
+        if self.buf is None or self.buf.numel() < numel or self.buf.dtype != dtype or self.buf.device != device:
+            self.buf = torch.empty(numel, dtype=dtype, device=device)
+        return self.buf[:numel]
+
+
+def concat_parts(parts: list, scratch: Scratch | None = None):
     """One part (k, v, k_pos, valid) from several, in order. Keys and values are written once
-    into one buffer each; a LowBitPart dequantizes straight into its slice (no copy after)."""
-    B, H, _, D = parts[0].shape if isinstance(parts[0], LowBitPart) else parts[0][0].shape
-    dtype = parts[0].dtype if isinstance(parts[0], LowBitPart) else parts[0][0].dtype
-    sizes = [p.shape[2] if isinstance(p, LowBitPart) else p[0].size(2) for p in parts]
-    k = torch.empty(B, H, sum(sizes), D, dtype=dtype, device=parts[0][2].device)  # (B, H, L, D)
-    v = torch.empty_like(k)
+    into one buffer each (from `scratch` when given); a PackedPart dequantizes straight into
+    its slice (no copy after)."""
+    pos = [p[2] for p in parts]  # (B, H, n_i) each: no dequantization needed
+    first = next((p for p in parts if not isinstance(p, PackedPart)), None)
+    D, dtype = (first[0].size(-1), first[0].dtype) if first is not None else (parts[0].D, parts[0].dtype)
+    B, H, L = pos[0].size(0), pos[0].size(1), sum(x.size(2) for x in pos)
+    n = B * H * L * D
+    buf = scratch.take(2 * n, dtype, pos[0].device) if scratch is not None else torch.empty(2 * n, dtype=dtype, device=pos[0].device)
+    k, v = buf.view(2, B, H, L, D)  # (B, H, L, D) each
     start = 0
-    for p, n in zip(parts, sizes):
-        if isinstance(p, LowBitPart):
-            p.write_into(k[:, :, start:start + n], v[:, :, start:start + n])
+    for p, x in zip(parts, pos):
+        end = start + x.size(2)
+        if isinstance(p, PackedPart):
+            p.write_into(k[:, :, start:end], v[:, :, start:end])
         else:
-            k[:, :, start:start + n], v[:, :, start:start + n] = p[0], p[1]
-        start += n
-    pos = torch.cat([p[2] for p in parts], dim=2)  # (B, H, L)
+            k[:, :, start:end], v[:, :, start:end] = p[0], p[1]
+        start = end
     valid = None
     if any(p[3] is not None for p in parts):
-        valid = torch.cat([torch.ones_like(p[2], dtype=torch.bool) if p[3] is None else p[3] for p in parts], dim=2)
-    return k, v, pos, valid
+        valid = torch.cat([torch.ones_like(x, dtype=torch.bool) if p[3] is None else p[3] for p, x in zip(parts, pos)], dim=2)
+    return k, v, torch.cat(pos, dim=2), valid
 
 
 class Method:

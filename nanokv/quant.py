@@ -144,7 +144,7 @@ def _split_bytes(x: torch.Tensor, half: int) -> torch.Tensor:
     contiguous tensors (writing every other byte is several times slower): w | (w << (8 - half))
     puts the high part in the word's second byte, the mask clears the rest, and the words read
     as bytes (little-endian) are the two parts in order."""
-    w = x.to(torch.int16)
+    w = x.to(torch.int16, memory_format=torch.contiguous_format)  # whatever the strides of x
     w.bitwise_or_(w << (8 - half)).bitwise_and_((2**half - 1) * 0x0101)
     return w.view(torch.uint8)
 
@@ -175,6 +175,7 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     per, nbytes = _chunk(bits)
     if nbytes != 1:  # 3 bits: codes straddle bytes
         return unpack(packed.transpose(-1, -2), bits, n).transpose(-1, -2)
+    packed = packed.contiguous()  # one copy of the bytes: a strided read per shift costs more
     rows = [packed >> (bits * i) for i in range(per)]  # code i of every byte: bits [bits * i, bits * (i + 1))
     codes = torch.stack([r & (2**bits - 1) if i < per - 1 else r for i, r in enumerate(rows)], dim=-2)
     return codes.flatten(-3, -2)[..., :n, :]  # (..., bytes, per, D) -> (..., n, D)

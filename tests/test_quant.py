@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanokv.quant import (dequantize, dequantize_packed, pack, packed_bytes, quantize,
-                          quantize_packed, unpack)
+                          quantize_packed, unpack, unpack_rows)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -31,6 +31,29 @@ def test_pack_unpack_roundtrip(bits, n):
     packed = pack(codes, bits)
     assert packed.dtype == torch.uint8 and packed.shape[-1] == packed_bytes(n, bits)
     assert torch.equal(unpack(packed, bits, n), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_unpack_takes_any_strides_and_rows(bits):
+    """unpack of a strided view (a store's padded slice, a transposed layout) and unpack_rows
+    (codes packed along the second-to-last dim, KIVI's keys) give the codes pack was given."""
+    codes = torch.randint(0, 2**bits, (2, 3, 5, 32), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    packed = pack(codes, bits)  # (2, 3, 5, bytes)
+    strided = torch.stack([packed, packed], dim=-1)[..., 0]  # last-dim stride 2
+    assert torch.equal(unpack(strided, bits, 32), codes)
+    dense = packed.transpose(-1, -2).contiguous().transpose(-1, -2)  # dense, but the last dim is not the innermost
+    assert torch.equal(unpack(dense, bits, 32), codes)
+    assert torch.equal(unpack(packed.transpose(0, 2), bits, 32), codes.transpose(0, 2))
+    assert torch.equal(unpack_rows(packed.transpose(-1, -2), bits, 32), codes.transpose(-1, -2))  # (.., 32, 5)
+
+
+def test_dequantize_into_a_view_is_the_same():
+    x = torch.randn(2, 3, 7, 64, generator=torch.Generator().manual_seed(1))
+    packed, scale, zero = quantize_packed(x, 4, 32)
+    buf = torch.full((2, 3, 9, 64), float("nan"))
+    dequantize_packed(packed, scale, zero, 4, 64, out=buf[:, :, 1:8])  # a slice of a larger buffer
+    assert torch.equal(buf[:, :, 1:8], dequantize_packed(packed, scale, zero, 4, 64))
+    assert buf[:, :, 0].isnan().all() and buf[:, :, 8].isnan().all()  # nothing written outside
 
 
 def test_packed_sizes_are_dense():

@@ -178,3 +178,26 @@ def test_mikv_size_formula_against_rho():
         n_hi = math.ceil(rho * 200) / 200
         formula = n_hi * 16 / 16 + (1 - n_hi) * (b_lo + 32 / 8) / 16
         assert cache.compression_report()["fraction_of_fp16"] == pytest.approx(formula, rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ["rtn", "kivi", "mikv", "quantized"])
+def test_scratch_reuse_across_layers_changes_nothing(monkeypatch, name):
+    """Every layer of a forward pass dequantizes into the same scratch buffer (nanokv.method.Scratch);
+    the logits are bit-identical to fresh buffers per layer, and nothing is held after a call."""
+    from nanokv.method import Scratch
+
+    model = peaked_model(seed=5, n_layer=3)
+    idx = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(5))
+    def run():
+        method = METHODS[name].scaled(16) if name == "quantized" else METHODS[name](**({"residual": 16} if name == "kivi" else {}))
+        cache = KVCache(model.config, method)
+        out = []
+        with torch.no_grad():
+            for a, b in [(0, 24)] + [(t, t + 1) for t in range(24, 40)]:
+                out.append(model(idx[:, a:b], cache=cache)[0])
+                assert cache._scratch.buf is None  # dropped after the last layer
+        return torch.cat(out, dim=1)
+
+    shared = run()
+    monkeypatch.setattr(Scratch, "take", lambda self, n, dtype, device: torch.empty(n, dtype=dtype, device=device))
+    assert torch.equal(shared, run())

@@ -23,13 +23,13 @@ Storage per layer (all heads hold the same tokens; nothing is evicted):
   main store      full-precision key residual: k (D,), pos
   segments["vq"]  per-token quantized values: codes ceil(D*b/8), scale, zero (D/group,) fp16
   segments["vr"]  full-precision value residual: v (D,)
-Attention reads one part, KIVIPart: indexed like a part it dequantizes (the reference path);
+Attention reads one part, KIVIPart: the reference dequantizes it into attention's buffers;
 the Triton backend hands its packed codes to kernel 2 instead (fast/decode_quant.py).
 """
 
 import torch
 
-from ..method import Method, _check_int
+from ..method import Method, PackedPart, _check_int
 from ..quant import check_bits, check_group, check_group_saves, dequantize, packed_bytes, unpack_rows
 from ..ragged import Ragged
 
@@ -81,21 +81,6 @@ class KIVI(Method):
     def gather(self, layer, fresh=None):
         return [KIVIPart(self, layer)]
 
-    def dequantized(self, layer):
-        """(k, v, pos, None): every token's key and value, (B, H, n, D), in token order."""
-        kq, vq, vr = layer.segments["kq"], layer.segments["vq"], layer.segments["vr"]
-        dtype, G, D = layer.dtype, self.G, layer.trailing["k"][0]
-        B, H, C, nv = kq.batch, kq.heads, kq.max_len, vq.max_len  # C chunks of G tokens per head; nv values quantized
-        k, v = torch.empty(2, B, H, C * G + layer.max_len, D, dtype=dtype, device=layer.lengths.device)  # (B, H, n, D)
-        codes = unpack_rows(kq.padded("codes").transpose(-1, -2), self.bits, G)  # (B, H, C, G, D): token order in each chunk
-        dequantize(codes, kq.padded("scale")[:, :, :, None], kq.padded("zero")[:, :, :, None], dtype,
-                   out=k[:, :, :C * G].unflatten(2, (C, G)))  # scale, zero (B, H, C, 1, D): one per chunk and channel
-        k[:, :, C * G:] = layer.padded("k")
-        vq.padded("v", out=v[:, :, :nv])  # the quantized values, then the residual
-        v[:, :, nv:] = vr.padded("v")
-        pos = torch.cat([kq.padded("pos").reshape(B, H, C * G), layer.padded("pos")], dim=2)
-        return k, v, pos, None
-
     def compress(self, layer, scores=None):
         B, H, R, G = layer.batch, layer.heads, self.residual, self.G
         n_k = (layer.max_len // R) * R  # keys: quantize whole residuals of R tokens
@@ -119,17 +104,28 @@ class KIVI(Method):
         return mask
 
 
-class KIVIPart:
-    """KIVI's keys and values as one attention part (k, v, pos, valid), dequantized once when
-    read; kernel_args() gives kernel 2 the packed codes and the full-precision residuals."""
+class KIVIPart(PackedPart):
+    """KIVI's keys and values as one attention part: the reference dequantizes them into
+    attention's buffers (write_into); kernel_args() gives kernel 2 the packed codes and the
+    full-precision residuals instead."""
 
     def __init__(self, method: KIVI, layer: Ragged):
-        self.method, self.layer, self._part = method, layer, None
+        self.method, self.layer, self.D, self.dtype = method, layer, layer.trailing["k"][0], layer.dtype
 
-    def __getitem__(self, i):
-        if self._part is None:
-            self._part = self.method.dequantized(self.layer)
-        return self._part[i]
+    def positions(self):  # (B, H, n): the key chunks' tokens, then the key residual's
+        kq = self.layer.segments["kq"]
+        return torch.cat([kq.padded("pos").flatten(2), self.layer.padded("pos")], dim=2)
+
+    def write_into(self, k, v):
+        """Every token's key and value, (B, H, n, D) each, in token order."""
+        kq, vq, vr, G = self.layer.segments["kq"], self.layer.segments["vq"], self.layer.segments["vr"], self.method.G
+        C, nv = kq.max_len, vq.max_len  # C chunks of G tokens per head; nv values quantized
+        codes = unpack_rows(kq.padded("codes").transpose(-1, -2), self.method.bits, G)  # (B, H, C, G, D): token order
+        dequantize(codes, kq.padded("scale")[:, :, :, None], kq.padded("zero")[:, :, :, None], self.dtype,
+                   out=k[:, :, :C * G].unflatten(2, (C, G)))  # scale, zero (B, H, C, 1, D): one per chunk and channel
+        k[:, :, C * G:] = self.layer.padded("k")
+        vq.padded("v", out=v[:, :, :nv])  # the quantized values, then the residual
+        v[:, :, nv:] = vr.padded("v")
 
     def kernel_args(self) -> dict:
         kq, vq, vr = (self.layer.segments[n] for n in ("kq", "vq", "vr"))
