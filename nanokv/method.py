@@ -112,7 +112,8 @@ class LowBitPart(PackedPart):
         for name, out in (("k", k_out), ("v", v_out)):
             bits, _, D, dtype = self.store.quantized[name]
             if self.store.uniform:
-                dequantize_packed(*(self.packed(f"{name}.{x}") for x in ("codes", "scale", "zero")), bits, D, dtype, out)
+                codes, scale, zero = (self.packed(f"{name}.{x}") for x in ("codes", "scale", "zero"))
+                dequantize_packed(codes, scale, zero, bits, D, dtype, out)
             else:  # ragged heads: the store builds the padded copy
                 out.copy_(self.store.padded(name)[:, :, :self.n])
 
@@ -140,7 +141,8 @@ def concat_parts(parts: list, scratch: Scratch | None = None):
     D, dtype = (first[0].size(-1), first[0].dtype) if first is not None else (parts[0].D, parts[0].dtype)
     B, H, L = pos[0].size(0), pos[0].size(1), sum(x.size(2) for x in pos)
     n = B * H * L * D
-    buf = scratch.take(2 * n, dtype, pos[0].device) if scratch is not None else torch.empty(2 * n, dtype=dtype, device=pos[0].device)
+    device = pos[0].device
+    buf = scratch.take(2 * n, dtype, device) if scratch is not None else torch.empty(2 * n, dtype=dtype, device=device)
     k, v = buf.view(2, B, H, L, D)  # (B, H, L, D) each
     start = 0
     for p, x in zip(parts, pos):
@@ -152,7 +154,8 @@ def concat_parts(parts: list, scratch: Scratch | None = None):
         start = end
     valid = None
     if any(p[3] is not None for p in parts):
-        valid = torch.cat([torch.ones_like(x, dtype=torch.bool) if p[3] is None else p[3] for p, x in zip(parts, pos)], dim=2)
+        valid = torch.cat([torch.ones_like(x, dtype=torch.bool) if p[3] is None else p[3]
+                           for p, x in zip(parts, pos)], dim=2)
     return k, v, torch.cat(pos, dim=2), valid
 
 

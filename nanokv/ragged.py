@@ -2,10 +2,10 @@
 Ragged storage: the layout every cache layer uses.
 
 A layer of a KV cache holds, for every (batch row b, head h), a list of entries: one per
-kept token, in position order (but see evict_in_place). A "field" is any per-entry tensor: keys k (D,), values v
-(D,), original positions pos (), and whatever per-token state a method keeps (H2O's
-accumulated attention, Scissorhands' bit history, packed low-bit codes, ...). All fields
-share `lengths` (B, H), so appending and evicting keep them aligned by construction.
+kept token, in position order (but see evict_in_place). A "field" is any per-entry tensor:
+keys k (D,), values v (D,), original positions pos (), and whatever per-token state a method
+keeps (H2O's accumulated attention, Scissorhands' bit history, packed low-bit codes, ...). All
+fields share `lengths` (B, H), so appending and evicting keep them aligned by construction.
 
 Two layouts, chosen automatically after every change:
 
@@ -265,7 +265,8 @@ class Ragged:
         order = torch.argsort(self.padded("pos"), dim=-1, stable=True)  # (B, H, L)
         rows = (order + C * torch.arange(B * H, device=order.device).view(B, H, 1)).flatten()
         for name, t in self.fields.items():
-            self.fields[name] = t.flatten(0, 2).index_select(0, rows).view(B, H, self._uniform_len, *self.trailing[name])
+            rows_kept = t.flatten(0, 2).index_select(0, rows)  # (B*H*L, *trailing)
+            self.fields[name] = rows_kept.view(B, H, self._uniform_len, *self.trailing[name])
         self.ordered = True
 
     def keep(self, mask: torch.Tensor):

@@ -189,7 +189,8 @@ def test_scratch_reuse_across_layers_changes_nothing(monkeypatch, name):
     model = peaked_model(seed=5, n_layer=3)
     idx = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(5))
     def run():
-        method = METHODS[name].scaled(16) if name == "quantized" else METHODS[name](**({"residual": 16} if name == "kivi" else {}))
+        kw = {"residual": 16} if name == "kivi" else {}
+        method = METHODS[name].scaled(16) if name == "quantized" else METHODS[name](**kw)
         cache = KVCache(model.config, method)
         out = []
         with torch.no_grad():
