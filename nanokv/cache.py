@@ -222,6 +222,8 @@ class KVCache:
             if layer.n_seen:
                 raise ValueError(f"layer {layer_idx} got {q.device} tensors; its cache lives on {layer.lengths.device}")
             layer = self.layers[layer_idx] = self._new_layer(layer_idx, q.device)
+        if layer_idx == 0:  # a new forward pass (whatever an interrupted one left)
+            self._scratch.buf = None
         out = self._pipeline(layer, q, k, v)
         if layer_idx == self.config.n_layer - 1:  # the forward pass is done: hold nothing between calls
             self._scratch.buf = None
@@ -253,7 +255,9 @@ class KVCache:
         """Attention of q over everything the method says the layer holds between calls
         (method.gather); out (B, H, T, D) and fp32 probs (B, H, T, L) over the gathered entries.
         For introspection (the attention-loss probe); the pipeline calls attention_over."""
-        return self.attention_over(q, self.method.gather(layer), q_pos, with_probs)
+        out = self.attention_over(q, self.method.gather(layer), q_pos, with_probs)
+        self._scratch.buf = None
+        return out
 
     def attention_over(self, q, parts, q_pos, with_probs: bool = True):
         """Attention over a list of parts, each (k, v, k_pos, valid): (B, H, L_i, D) keys and
@@ -262,7 +266,7 @@ class KVCache:
         if self.track_peak:  # new tokens are stored, not yet compressed: the high-water mark
             self.peak_bytes = max(self.peak_bytes, self.memory_bytes())
             if with_probs:
-                L = sum(p[0].size(2) for p in parts)
+                L = sum(p[2].size(2) for p in parts)  # positions: a packed part is not dequantized for this
                 self.peak_scores_bytes = max(self.peak_scores_bytes, q.size(0) * q.size(1) * q.size(2) * L * 4)
         if self.backend == "triton" and q.size(2) == 1 and self.n_kv_head == self.config.n_head:  # packed low-bit parts: fast/decode_quant.py
             routed = self._decode_quant(q, parts)

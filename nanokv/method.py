@@ -127,7 +127,9 @@ class Scratch:
     buf = None
 
     def take(self, numel: int, dtype, device) -> torch.Tensor:
-        if self.buf is None or self.buf.numel() < numel or self.buf.dtype != dtype or self.buf.device != device:
+        b = self.buf
+        if (b is None or b.numel() < numel or b.dtype != dtype or b.device != device
+                or b.is_inference() != torch.is_inference_mode_enabled()):  # an inference tensor is read-only outside
             self.buf = torch.empty(numel, dtype=dtype, device=device)
         return self.buf[:numel]
 
@@ -304,8 +306,8 @@ class ScoredEviction(Method):
         pos = layer.padded("pos")  # (B, H, L) int32
         newest = layer.n_seen + layer.n_new - 1  # the position of the token just stored
         protected = (pos < self.n_sink) | (pos > newest - self.window)
-        s = score.float().masked_fill(protected, float("inf"))  # (B, H, L)
-        lowest = s == s.amin(dim=-1, keepdim=True)
+        s = score.float().nan_to_num(nan=float("inf")).masked_fill(protected, float("inf"))  # (B, H, L)
+        lowest = s == s.amin(dim=-1, keepdim=True)  # (a NaN score ranks highest, as in top_k_mask's sort)
         return torch.where(lowest, pos, torch.iinfo(pos.dtype).max).argmin(dim=-1)  # ties: the oldest goes
 
 

@@ -91,8 +91,8 @@ def quantize(x: torch.Tensor, bits: int, group: int):
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype=torch.float32, out=None):
     """Inverse of quantize: codes (..., n), scale and zero (..., n // group) -> (..., n) in dtype.
-    out: a tensor (a view is fine, e.g. a slice of a larger buffer) of that shape and dtype to
-    write into instead of a new one (attention's concatenated keys: no copy after)."""
+    out: a tensor (a view is fine, e.g. a slice of a larger buffer) of that shape to write into
+    instead of a new one (attention's concatenated keys: no copy after); its dtype wins."""
     n_groups = scale.shape[-1]
     grouped = (*codes.shape[:-1], n_groups, codes.shape[-1] // n_groups)
     s, z = scale.float()[..., None], zero.float()[..., None]
@@ -150,7 +150,8 @@ def _split_bytes(x: torch.Tensor, half: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of pack: (..., packed_bytes(n, bits)) uint8 -> codes (..., n) uint8."""
+    """Inverse of pack: (..., packed_bytes(n, bits)) uint8 -> codes (..., n) uint8 (at 8 bits a
+    view of `packed` itself: do not write into it)."""
     check_bits(bits)
     per, nbytes = _chunk(bits)
     if nbytes == 1 and sys.byteorder == "little":  # 2, 4, 8 bits: whole codes in each byte

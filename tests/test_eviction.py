@@ -374,3 +374,21 @@ def test_in_place_eviction_equals_compacting(name):
                 assert torch.equal(a.padded(f), b.padded(f)), f
             else:
                 assert torch.allclose(a.padded(f), b.padded(f), rtol=0, atol=1e-5), f
+
+
+def test_decode_step_drops_what_the_sort_drops_even_with_nan_scores():
+    """keep_mask at a decode step (argmin by position) against top_k_mask (the sort), on one layer
+    whose scores include a NaN: the sort ranks NaN highest, so the protected sink must stay."""
+    from nanokv.method import top_k_mask
+    from nanokv.methods.h2o import H2O
+    from nanokv.ragged import Layer
+
+    layer = Layer(1, 1, "cpu", 16, index=0, dtype=torch.float32)
+    layer.add_field("pos", "positions", (), torch.int32)
+    layer.append(pos=torch.arange(5, dtype=torch.int32).view(1, 1, 5))
+    layer.n_seen, layer.n_new = 4, 1  # the fifth token just arrived
+    method = H2O(budget=4, recent=1, n_sink=1)
+    for score in ([0.5, 0.1, float("nan"), 0.3, 0.2], [0.3, 0.3, 0.3, 0.3, 0.3], [float("nan")] * 5):
+        s = torch.tensor([[score]])
+        want = top_k_mask(layer.lengths, s, 4, n_sink=1, window=1)
+        assert torch.equal(method.keep_mask(layer, s, 4), want), score

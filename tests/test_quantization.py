@@ -200,5 +200,9 @@ def test_scratch_reuse_across_layers_changes_nothing(monkeypatch, name):
         return torch.cat(out, dim=1)
 
     shared = run()
+    scratch = Scratch()  # a buffer taken under inference mode is not handed out outside it (it would be read-only)
+    with torch.inference_mode():
+        held = scratch.take(8, torch.float32, "cpu")
+    assert held.is_inference() and not scratch.take(8, torch.float32, "cpu").is_inference()
     monkeypatch.setattr(Scratch, "take", lambda self, n, dtype, device: torch.empty(n, dtype=dtype, device=device))
     assert torch.equal(shared, run())

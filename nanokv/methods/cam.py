@@ -36,7 +36,10 @@ class CaM(H2O):
             raise ValueError(f"m (merge window) must be an int >= 1, got {m!r}")
         _check_number("max_prob", max_prob, 0, 1)
         self.m, self.max_prob, self.seed = m, float(max_prob), seed
-        self.evicts_in_place = self.max_prob == 0  # W reads slot order: a merging CaM compacts
+
+    @property
+    def evicts_in_place(self):  # W reads slot order: a merging CaM compacts
+        return self.max_prob == 0
 
     def merge(self, layer, keep):  # H2O's compress calls this with its keep mask (B, H, L), then evicts
         if self.max_prob == 0:  # never merges: exactly H2O
