@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .method import LowBitPart, Method, PackedPart, Scratch, concat_parts
 from .ragged import KINDS, Layer
 
 BACKENDS = ("torch", "triton")
@@ -133,8 +134,6 @@ class KVCache:
         method_kwargs) or a Method instance. backend: "torch" (the reference) or "triton".
         grow_by: when a layer's heads all hold the same number of tokens, its buffers grow
         by this many token slots at a time (spare slots are reported as padding; 1 = none)."""
-        from .method import Method
-
         if not hasattr(config, "n_layer") or not hasattr(config, "n_head"):
             raise TypeError(f"config must be a GPTConfig or a CacheShape, got {type(config).__name__}")
         if backend not in BACKENDS:
@@ -172,8 +171,6 @@ class KVCache:
         # and the largest fp32 probability matrix the reference attention built (peak_scores_bytes)
         self.track_peak, self.peak_bytes, self.peak_scores_bytes = False, 0, 0
         self._owner = None  # weak reference to the model using this cache (see bind)
-        from .method import Scratch
-
         self._scratch = Scratch()  # the concatenated keys and values of one forward pass (attention_over)
 
     # ------------------------------------------------------------------ the call the model makes
@@ -272,8 +269,6 @@ class KVCache:
             routed = self._decode_quant(q, parts)
             if routed is not None:
                 return routed
-        from .method import PackedPart, concat_parts
-
         if len(parts) == 1 and not isinstance(parts[0], PackedPart):
             k, v, k_pos, valid = parts[0]
         else:  # several parts, or packed ones: one key and one value buffer, reused by the next layer
@@ -316,8 +311,6 @@ class KVCache:
         values) among full-precision parts (RTN, Quantized: [low, full]; MiKV: [high, low, new]).
         Returns (out, probs in the parts' order), or None for other shapes (kernel 1 then)."""
         from fast.decode_quant import decode_attention_quant
-
-        from .method import LowBitPart
 
         if len(parts) == 1 and hasattr(parts[0], "kernel_args"):
             return decode_attention_quant(q, **parts[0].kernel_args())

@@ -134,18 +134,15 @@ class Scratch:
         return self.buf[:numel]
 
 
-def concat_parts(parts: list, scratch: Scratch | None = None):
+def concat_parts(parts: list, scratch: Scratch):
     """One part (k, v, k_pos, valid) from several, in order. Keys and values are written once
-    into one buffer each (from `scratch` when given); a PackedPart dequantizes straight into
-    its slice (no copy after)."""
+    into one buffer (from `scratch`); a PackedPart dequantizes straight into its slice (no copy
+    after)."""
     pos = [p[2] for p in parts]  # (B, H, n_i) each: no dequantization needed
-    first = next((p for p in parts if not isinstance(p, PackedPart)), None)
-    D, dtype = (first[0].size(-1), first[0].dtype) if first is not None else (parts[0].D, parts[0].dtype)
+    p0 = parts[0]  # every part holds the model's dtype
+    D, dtype = (p0.D, p0.dtype) if isinstance(p0, PackedPart) else (p0[0].size(-1), p0[0].dtype)
     B, H, L = pos[0].size(0), pos[0].size(1), sum(x.size(2) for x in pos)
-    n = B * H * L * D
-    device = pos[0].device
-    buf = scratch.take(2 * n, dtype, device) if scratch is not None else torch.empty(2 * n, dtype=dtype, device=device)
-    k, v = buf.view(2, B, H, L, D)  # (B, H, L, D) each
+    k, v = scratch.take(2 * B * H * L * D, dtype, pos[0].device).view(2, B, H, L, D)  # (B, H, L, D) each
     start = 0
     for p, x in zip(parts, pos):
         end = start + x.size(2)
@@ -249,6 +246,7 @@ class ScoredEviction(Method):
 
     name = "scored"
     compresses_at = "prefill+decode"
+    evicts_in_place = True  # False: every eviction compacts the store (slots stay in position order)
 
     def __init__(self, budget: int, n_sink: int = 0, window: int = 0):
         budget = _check_int("budget", budget, 1)
@@ -264,8 +262,6 @@ class ScoredEviction(Method):
 
     def score(self, layer: Ragged) -> torch.Tensor:
         raise NotImplementedError
-
-    evicts_in_place = True  # False: every eviction compacts the store (slots stay in position order)
 
     def compress(self, layer: Ragged, scores=None):
         if layer.max_len > self.budget:

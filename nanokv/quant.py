@@ -149,6 +149,12 @@ def _split_bytes(x: torch.Tensor, half: int) -> torch.Tensor:
     return w.view(torch.uint8)
 
 
+def _shift_out(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """The 8 // bits codes of every byte (code i: bits [bits * i, bits * (i + 1))), shifted out
+    in uint8 and stacked along a new dim `dim`."""
+    return torch.stack([(packed >> (bits * i)) & (2**bits - 1) for i in range(8 // bits)], dim=dim)
+
+
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of pack: (..., packed_bytes(n, bits)) uint8 -> codes (..., n) uint8 (at 8 bits a
     view of `packed` itself: do not write into it)."""
@@ -156,12 +162,11 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     per, nbytes = _chunk(bits)
     if nbytes == 1 and sys.byteorder == "little":  # 2, 4, 8 bits: whole codes in each byte
         codes = packed
-        for half in (4, 2)[:int(math.log2(per))]:  # 4 bits: one split; 2 bits: two
+        for half in {1: (), 2: (4,), 4: (4, 2)}[per]:  # 8 bits: the bytes; 4 bits: one split; 2 bits: two
             codes = _split_bytes(codes, half)
         return codes[..., :n]
-    if nbytes == 1:
-        codes = torch.stack([(packed >> (bits * i)) & (2**bits - 1) for i in range(per)], dim=-1)
-        return codes.flatten(-2)[..., :n]
+    if nbytes == 1:  # a big-endian machine: shifted out one code at a time
+        return _shift_out(packed, bits, dim=-1).flatten(-2)[..., :n]
     b = packed.to(torch.int64).reshape(*packed.shape[:-1], packed.shape[-1] // nbytes, nbytes)
     word = (b << (torch.arange(nbytes, device=packed.device) * 8)).sum(dim=-1)
     shifts = torch.arange(per, device=packed.device) * bits
@@ -173,13 +178,10 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """unpack along the second-to-last dim: (..., packed_bytes(n, bits), D) uint8 -> codes
     (..., n, D) uint8. For codes packed along tokens, one row of D channels per byte row (KIVI's
     per-channel keys): each code comes out as a whole row, so every write is contiguous."""
-    per, nbytes = _chunk(bits)
-    if nbytes != 1:  # 3 bits: codes straddle bytes
+    if _chunk(bits)[1] != 1:  # 3 bits: codes straddle bytes
         return unpack(packed.transpose(-1, -2), bits, n).transpose(-1, -2)
-    packed = packed.contiguous()  # one copy of the bytes: a strided read per shift costs more
-    rows = [packed >> (bits * i) for i in range(per)]  # code i of every byte: bits [bits * i, bits * (i + 1))
-    codes = torch.stack([r & (2**bits - 1) if i < per - 1 else r for i, r in enumerate(rows)], dim=-2)
-    return codes.flatten(-3, -2)[..., :n, :]  # (..., bytes, per, D) -> (..., n, D)
+    codes = _shift_out(packed.contiguous(), bits, dim=-2)  # (..., bytes, per, D); one copy of the bytes first:
+    return codes.flatten(-3, -2)[..., :n, :]  # a strided read per shift costs more; -> (..., n, D)
 
 
 def quantize_packed(x: torch.Tensor, bits: int, group: int):

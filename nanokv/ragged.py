@@ -259,15 +259,17 @@ class Ragged:
     def sort_by_position(self):
         """Put every head's entries back in position order (after `evict_in_place`); one copy per
         field, buffers exactly the size of what is held."""
-        if self.ordered:
-            return
-        B, H, C = self.batch, self.heads, self.capacity
-        order = torch.argsort(self.padded("pos"), dim=-1, stable=True)  # (B, H, L)
-        rows = (order + C * torch.arange(B * H, device=order.device).view(B, H, 1)).flatten()
+        if not self.ordered:
+            self._take_slots(torch.argsort(self.padded("pos"), dim=-1, stable=True))  # (B, H, L)
+            self.ordered = True
+
+    def _take_slots(self, slots: torch.Tensor):
+        """Uniform layout: every field becomes each head's entries at `slots` (B, H, n), in that
+        order: one index_select of whole rows of its (B*H*C, *trailing) view, n slots per head."""
+        B, H, C, n = self.batch, self.heads, self.capacity, slots.size(-1)
+        rows = (slots + C * torch.arange(B * H, device=slots.device).view(B, H, 1)).flatten()  # (B*H*n,)
         for name, t in self.fields.items():
-            rows_kept = t.flatten(0, 2).index_select(0, rows)  # (B*H*L, *trailing)
-            self.fields[name] = rows_kept.view(B, H, self._uniform_len, *self.trailing[name])
-        self.ordered = True
+            self.fields[name] = t.flatten(0, 2).index_select(0, rows).view(B, H, n, *self.trailing[name])
 
     def keep(self, mask: torch.Tensor):
         """Keep the entries where mask (B, H, Lmax) is True (padded slots must be False).
@@ -276,12 +278,9 @@ class Ragged:
             raise ValueError(f"keep mask must be {(self.batch, self.heads, self.max_len)}, got {tuple(mask.shape)}")
         counts = mask.sum(dim=-1)  # (B, H)
         n = int(counts[0, 0]) if counts.numel() else 0
-        if self.uniform and bool((counts == n).all()):  # uniform stays uniform: one gather per field
-            B, H, C, L = self.batch, self.heads, self.capacity, self.max_len  # (no padded slot to select)
+        if self.uniform and bool((counts == n).all()):  # uniform stays uniform (and has no padded slot)
             kept = mask.flatten().nonzero().squeeze(1)  # (B*H*n,) b*H*L + h*L + slot, in order
-            rows = kept + (C - L) * torch.div(kept, max(L, 1), rounding_mode="floor")  # the same in (B*H*C) rows
-            for name, t in self.fields.items():  # whole rows of each buffer viewed as (B*H*C, *trailing)
-                self.fields[name] = t.flatten(0, 2).index_select(0, rows).view(B, H, n, *self.trailing[name])
+            self._take_slots((kept % max(self.max_len, 1)).view(self.batch, self.heads, n))
             self.lengths, self._uniform_len, self._max_len = counts, n, n
             return
         valid = self.valid_mask()

@@ -47,6 +47,15 @@ def test_unpack_takes_any_strides_and_rows(bits):
     assert torch.equal(unpack_rows(packed.transpose(-1, -2), bits, 32), codes.transpose(-1, -2))  # (.., 32, 5)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_unpack_without_the_little_endian_shortcut(monkeypatch, bits):
+    import sys
+
+    codes = torch.randint(0, 2**bits, (2, 3, 32), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    monkeypatch.setattr(sys, "byteorder", "big")  # the path a big-endian machine takes
+    assert torch.equal(unpack(pack(codes, bits), bits, 32), codes)
+
+
 def test_dequantize_into_a_view_is_the_same():
     x = torch.randn(2, 3, 7, 64, generator=torch.Generator().manual_seed(1))
     packed, scale, zero = quantize_packed(x, 4, 32)
