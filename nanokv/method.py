@@ -237,7 +237,7 @@ class ScoredEviction(Method):
         kept      = protected + the (budget - |protected|) best remaining entries by score,
                     ties broken by position (the more recent entry wins)
     Subclasses implement score(layer) -> (B, H, Lmax) float, higher = keep (or return this
-    call's scores from observe, as TOVA does); merging methods also merge(layer, keep).
+    call's scores from observe, as TOVA does); merging methods also merge(layer, keep, score).
     How: a prefill (or any piece over budget by more than one) ranks every entry (top_k_mask)
     and compacts the store; a decode step drops one entry per head, found with an argmin, and
     writes the new token into its slot (evict: Ragged.evict_in_place), so the slots stop being
@@ -265,12 +265,14 @@ class ScoredEviction(Method):
 
     def compress(self, layer: Ragged, scores=None):
         if layer.max_len > self.budget:
-            keep = self.keep_mask(layer, self.score(layer) if scores is None else scores, self.budget)  # (B, H, L)
-            self.merge(layer, keep)
+            score = self.score(layer) if scores is None else scores  # (B, H, L)
+            keep = self.keep_mask(layer, score, self.budget)  # (B, H, L)
+            self.merge(layer, keep, score)
             self.evict(layer, keep)
 
-    def merge(self, layer: Ragged, keep: torch.Tensor):
-        """Fold the entries `keep` drops into kept ones before they go (CaM, D2O); here: nothing."""
+    def merge(self, layer: Ragged, keep: torch.Tensor, score: torch.Tensor):
+        """Fold the entries `keep` drops into kept ones before they go (CaM, D2O, EMS; `score`:
+        what keep was chosen by); here: nothing."""
 
     def keep_mask(self, layer: Ragged, score: torch.Tensor, budget) -> torch.Tensor:
         """(B, H, Lmax) bool: protected entries plus the top-scoring rest, `budget` per head

@@ -161,6 +161,38 @@ def test_merging_exact_copies_leaves_the_center_unchanged():
         assert torch.equal(nk[0, 0, :3:2], k[0, 0, :3:2])  # centers without members are untouched
 
 
+def test_merge_sums_members_as_a_scatter_of_every_row_does():
+    """EMS's merge sums only members and their centers; a scatter-add of every row into its
+    assigned slot (the rule as written, key_merge="mean") gives the same tensors bit for bit,
+    with zero weights, centers without members and a zero class."""
+    from nanokv.methods.ems import merge
+
+    def scattered(k, v, s, assign, keep):
+        B, H, L, D = k.shape
+        w = s.clamp(min=0)[..., None]
+        sums = [torch.zeros(B, H, L + 1, x.size(-1)).scatter_add_(2, assign[..., None].expand_as(x), x)[:, :, :L]
+                for x in (torch.ones_like(w), w, w * v, w * k)]
+        ok = (sums[0] > 1) & (sums[1] > 0) & keep[..., None]
+        return (torch.where(ok, sums[3] / sums[1].clamp(min=1e-30), k), torch.where(ok, sums[2] / sums[1].clamp(min=1e-30), v))
+
+    g = torch.Generator().manual_seed(5)
+    merged = 0
+    for trial in range(40):
+        B, H, L, D = 2, 3, 5 + trial, 8
+        k, v, s = torch.randn(B, H, L, D, generator=g), torch.randn(B, H, L, D, generator=g), torch.randn(B, H, L, generator=g)
+        keep = torch.rand(B, H, L, generator=g) < 0.4
+        keep[..., 0] = True
+        kept_slot = torch.where(keep, torch.arange(L), -1).sort(dim=-1, descending=True).values  # kept slots first
+        pick = (torch.rand(B, H, L, generator=g) * keep.sum(-1, keepdim=True)).long()
+        target = kept_slot.gather(-1, pick)
+        assign = torch.where(keep, torch.arange(L), torch.where(torch.rand(B, H, L, generator=g) < 0.7, target, L))
+        got, want = merge(k, v, s, assign, keep), scattered(k, v, s, assign, keep)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        merged += int((got[1] != v).any(-1).sum())
+    print(f"{merged} centers changed, all bit-identical to the scatter of every row")
+    assert merged > 0
+
+
 def test_global_local_score_invariants(filled):
     method = EMS(budget=12, window=4)
     layer = filled.layers[0]
@@ -246,7 +278,7 @@ def test_cam_is_seeded_and_merges_with_probability_p():
     for seed in (0, 1):
         cam = METHODS["cam"](budget=20, m=4, seed=seed)
         copy_ = copy.deepcopy(layer)
-        cam.merge(copy_, keep)
+        cam.merge(copy_, keep, layer.padded("acc"))
         merged.append((copy_.padded("v") != layer.padded("v")).any(-1) & keep)  # receivers
     assert not torch.equal(merged[0], merged[1])
     rate = merged[0].float().mean().item() * 2  # every kept token receives from ~4 evicted ones

@@ -41,7 +41,7 @@ class CaM(H2O):
     def evicts_in_place(self):  # W reads slot order: a merging CaM compacts
         return self.max_prob == 0
 
-    def merge(self, layer, keep):  # H2O's compress calls this with its keep mask (B, H, L), then evicts
+    def merge(self, layer, keep, score):  # H2O's compress calls this with its keep mask (B, H, L), then evicts
         if self.max_prob == 0:  # never merges: exactly H2O
             return
         B, H, L = keep.shape

@@ -49,7 +49,7 @@ class D2O(H2O):
         kwargs.setdefault("n_sink", min(4, budget // 4))
         return cls(budget=budget, **kwargs)
 
-    def merge(self, layer, keep):  # H2O's compress calls this with its keep mask (B, H, L), then evicts
+    def merge(self, layer, keep, score):  # H2O's compress calls this with its keep mask (B, H, L), then evicts
         evicted = layer.valid_mask() & ~keep  # (B, H, L)
         if not evicted.any() or (self.threshold is not None and math.isinf(self.threshold)):
             return

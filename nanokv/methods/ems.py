@@ -35,34 +35,32 @@ Per layer and head, when a head holds more than `budget` tokens (and, while deco
   v_c      <- sum over members j (c included) of s[j] v_j / sum of s[j]
   k_c      <- the same weighted mean (key_merge="mean" [default]), or ("direction") the weighted
              mean norm times the normalized weighted sum of unit keys        [reconstruction]
-The zero class is slot L of a (B, H, L + 1, D) scatter buffer: every candidate and irrelevant
-token is scattered somewhere, irrelevant and dissimilar ones into slot L, which is dropped.
-A merged center keeps its own position and scores.
-Method state: s_glo (4 bytes) and the local ring (4 * window bytes) per token.
+How: ScoredEviction's compress (keep_mask -> merge -> evict; a decode step drops one token per
+head in place); irrelevant and dissimilar tokens fold into slot L (the zero center, dropped); a
+center keeps its position and scores. State: s_glo (4 bytes) + the local ring (4 * window) per token.
 Grouped-query models (nanokv.hf): attention is the mean of a key-value head's query heads' rows.
 """
 
 import torch
 import torch.nn.functional as F
 
-from ..method import Method, _check_int, _check_number, top_k_mask
+from ..method import ScoredEviction, _check_int, _check_number
 from .adakv import headwise_topk
 
 
-class EMS(Method):
+class EMS(ScoredEviction):
     name = "ems"
-    compresses_at = "prefill+decode"
     merges = True
 
     def __init__(self, budget: int, window: int = 32, mass: float = 0.9, tau: float = 0.5,
                  key_merge: str = "mean", head_budgets: str = "uniform", alpha: float = 0.2,
                  interval: int = 1, nonneg_cos: bool = True):
-        super().__init__(budget)
         budget = _check_int("budget", budget, 1)
         window = _check_int("window", window, 1)
         interval = _check_int("interval", interval, 1)
         if window >= budget:
             raise ValueError(f"window ({window}) must be < budget ({budget}): no room for class centers")
+        super().__init__(budget, window=window)
         _check_number("mass", mass, 0, 1, low_open=True)
         _check_number("tau", tau, -1, note=" (inf disables merging)")
         if key_merge not in ("mean", "direction"):
@@ -70,9 +68,10 @@ class EMS(Method):
         if head_budgets not in ("uniform", "adaptive"):
             raise ValueError(f"head_budgets must be 'uniform' or 'adaptive', got {head_budgets!r}")
         _check_number("alpha", alpha, 0, 1)
-        self.window, self.mass, self.tau, self.key_merge = window, float(mass), float(tau), key_merge
+        self.mass, self.tau, self.key_merge = float(mass), float(tau), key_merge
         self.probs_rows = window  # observe reads column sums and the last `window` rows
         self.head_budgets, self.alpha, self.interval, self.nonneg_cos = head_budgets, float(alpha), interval, nonneg_cos
+        self.evicts_in_place = interval == 1  # a decode step drops one token per head; else several (compacting)
 
     @classmethod
     def scaled(cls, budget, **kwargs):
@@ -88,17 +87,18 @@ class EMS(Method):
         layer.set_padded("glo", layer.padded("glo") + probs.sum(dim=2))
         m = min(T, self.window)  # the last m queries enter the ring, each at slot position % window
         slots = (torch.arange(layer.n_seen + T - m, layer.n_seen + T) % self.window).to(probs.device)
-        loc = layer.padded("loc").clone()
+        loc = layer.padded("loc")  # a view of the store (uniform heads) or a copy (ragged): written back below
         loc[..., slots] = probs[:, :, T - m:, :].transpose(-1, -2)
         layer.set_padded("loc", loc)
 
-    # ------------------------------------------------------------------ scores and classes
+    def in_window(self, layer):  # (B, H, L) bool: the `window` newest tokens, by position (not slot order)
+        pos = layer.padded("pos", fill=-1)
+        return (pos > pos.amax(dim=-1, keepdim=True) - self.window) & layer.valid_mask()
+
     def scores(self, layer):
         """(s_glo, aligned s_loc, s) over the padded slots (B, H, L)."""
         valid = layer.valid_mask()
-        n = layer.lengths[:, :, None]
-        slot = torch.arange(layer.max_len, device=valid.device)
-        outside = valid & (slot < n - self.window)  # non-window tokens
+        outside = valid & ~self.in_window(layer)  # non-window tokens
         glo = layer.padded("glo").masked_fill(~valid, 0.0)
         loc = layer.padded("loc").sum(dim=-1).masked_fill(~valid, 0.0)
         cnt = outside.sum(-1, keepdim=True).clamp(min=1)
@@ -107,79 +107,79 @@ class EMS(Method):
         loc = torch.where(ml > 0, loc * mg / ml.clamp(min=1e-30), loc)
         return glo, loc, torch.maximum(glo, loc)
 
-    def classes(self, layer, s):
+    def score(self, layer):
+        return self.scores(layer)[2]
+
+    def keep_mask(self, layer, s, budget):
+        """Window + centers: the top (budget - window) others by s, per head or (adaptive) per layer."""
+        if self.head_budgets == "uniform":
+            return super().keep_mask(layer, s, budget)
+        window = self.in_window(layer)
+        outside = layer.valid_mask() & ~window
+        centers = headwise_topk(s.masked_fill(~outside, float("-inf")), budget - self.window, self.alpha)
+        return (centers & outside) | window
+
+    def classes(self, layer, s, keep=None):
         """keep (B, H, L): window + centers; assign (B, H, L) long: each token's center slot,
         the slot itself for kept tokens, L (the zero center) for evicted ones."""
         B, H, L = s.shape
-        valid = layer.valid_mask()
-        slot = torch.arange(L, device=s.device)
-        window = valid & (slot >= layer.lengths[:, :, None] - self.window)
-        if self.head_budgets == "uniform":
-            keep = top_k_mask(layer.lengths, s, self.budget, window=self.window)
-        else:  # centers chosen jointly over the layer's heads: H * (budget - window) of them
-            outside = valid & ~window
-            centers = headwise_topk(s.masked_fill(~outside, float("-inf")), self.budget - self.window, self.alpha)
-            keep = (centers & outside) | window
-        centers = keep & ~window
-        rest = valid & ~keep
+        keep = self.keep_mask(layer, s, self.budget) if keep is None else keep
+        centers, rest = keep & ~self.in_window(layer), layer.valid_mask() & ~keep
         # sparsity: candidates hold a fraction `mass` of the remaining score mass
         r = s.masked_fill(~rest, 0.0)
         if self.mass >= 1.0:
             cand = rest
+        elif int(rest.sum(-1).max()) <= 1:  # a decode step, one token out per head: the prefix is it if it has mass
+            cand = rest & (r > 0)
         else:
-            order = torch.sort(r.flip(-1), dim=-1, descending=True, stable=True).indices
-            order = L - 1 - order
+            order = L - 1 - torch.sort(r.flip(-1), dim=-1, descending=True, stable=True).indices
             sorted_r = r.gather(-1, order)
             before = torch.cumsum(sorted_r, -1) - sorted_r  # mass of strictly better tokens
-            total = r.sum(-1, keepdim=True)
-            in_prefix = before < self.mass * total
+            in_prefix = before < self.mass * r.sum(-1, keepdim=True)
             cand = torch.zeros_like(rest).scatter_(-1, order, in_prefix) & rest
-        # redundancy: product of key and value cosine similarity to each center (method.py)
         best, center = layer.nearest_center(layer.padded("k"), layer.padded("v"), centers, cand,
-                                            self.nonneg_cos)  # (B, H, L) each
-        member = cand & (best >= self.tau)
-        assign = torch.full((B, H, L), L, dtype=torch.long, device=s.device)  # the zero center
-        assign = torch.where(member, center, assign)
-        assign = torch.where(keep, slot.expand(B, H, L), assign)
+                                            self.nonneg_cos)  # (B, H, L): redundancy, key cos x value cos
+        assign = torch.where(cand & (best >= self.tau), center, L)  # members join a center, the rest slot L
+        assign = torch.where(keep, torch.arange(L, device=s.device).expand(B, H, L), assign)
         return keep, assign
 
-    # ------------------------------------------------------------------ evict and merge, batched
-    def over_budget(self, layer) -> bool:
-        if self.head_budgets == "uniform":
-            return layer.max_len > self.budget
-        return bool((layer.lengths.sum(-1) > layer.heads * self.budget).any())  # the layer's total
+    def compress(self, layer, scores=None):  # ScoredEviction's: keep_mask -> merge -> evict
+        over = layer.max_len > self.budget if self.head_budgets == "uniform" else \
+            bool((layer.lengths.sum(-1) > layer.heads * self.budget).any())  # adaptive: the layer's total
+        if over and (layer.n_seen == 0 or layer.n_seen % self.interval == 0):  # decoding: every `interval` steps
+            super().compress(layer)
 
-    def compress(self, layer, scores=None):
-        if not self.over_budget(layer):
-            return
-        if layer.n_seen > 0 and layer.n_seen % self.interval != 0:
-            return  # decoding: compress every `interval` steps
-        _, _, s = self.scores(layer)
-        keep, assign = self.classes(layer, s)
+    def merge(self, layer, keep, s):
+        _, assign = self.classes(layer, s, keep)
         k, v = merge(layer.padded("k"), layer.padded("v"), s, assign, keep, self.key_merge)
         layer.set_padded("k", k)
         layer.set_padded("v", v)
-        layer.keep(keep)
 
 
 def merge(k, v, s, assign, keep, key_merge="mean"):
     """Fold every token into the slot `assign` names (L = the zero center, dropped), weighted
-    by s. k, v (B, H, L, D); returns the new k, v; rows that are not centers are unchanged."""
+    by s. k, v (B, H, L, D); returns the new k, v; rows that are not centers are unchanged.
+    Only members and their centers are summed, in slot order (the sums a scatter of every row makes)."""
     B, H, L, D = k.shape
-    w = s.float().clamp(min=0)[..., None]  # (B, H, L, 1)
-    idx = assign[..., None].expand(B, H, L, D)
-    count = torch.zeros(B, H, L + 1, 1, device=k.device).scatter_add_(2, assign[..., None], torch.ones_like(w))
-    wsum = torch.zeros(B, H, L + 1, 1, device=k.device).scatter_add_(2, assign[..., None], w)
-    vsum = torch.zeros(B, H, L + 1, D, device=k.device).scatter_add_(2, idx, w * v.float())
-    ksum = torch.zeros(B, H, L + 1, D, device=k.device).scatter_add_(2, idx, w * k.float())
-    ok = (count[:, :, :L] > 1) & (wsum[:, :, :L] > 0) & keep[..., None]  # a center with members
-    new_v = torch.where(ok, vsum[:, :, :L] / wsum[:, :, :L].clamp(min=1e-30), v.float())
+    w = s.float().clamp(min=0).flatten()[:, None]  # (B*H*L, 1)
+    dest = (assign + (L + 1) * torch.arange(B * H, device=k.device).view(B, H, 1)).flatten()  # rows of (B*H*(L+1))
+    member = ((assign < L) & ~keep).flatten()  # (B*H*L,) folded into a center
+
+    def total(rows, x):  # x (n, d) of `rows` -> (B*H*(L+1), d): each slot's sum over the rows assigned to it
+        return torch.zeros(B * H * (L + 1), x.size(-1), device=k.device).index_add_(0, dest[rows], x)
+
+    joined = total(member.nonzero().squeeze(1), w.new_ones(int(member.sum()), 1)).view(B, H, L + 1)[:, :, :L]
+    rows = (member | (joined > 0).flatten()).nonzero().squeeze(1)  # (n,) members and their centers
+    wsum = total(rows, w[rows])
+    ctr = ((joined > 0) & keep & (wsum.view(B, H, L + 1)[:, :, :L] > 0)).flatten().nonzero().squeeze(1)
+    at = ctr + ctr // L  # the centers' rows of (B*H*(L+1))
+    kf, vf = k.flatten(0, 2).float(), v.flatten(0, 2).float()  # (B*H*L, D)
+    new_k, new_v, denom = kf.clone(), vf.clone(), wsum[at].clamp(min=1e-30)
+    new_v[ctr] = total(rows, w[rows] * vf[rows])[at] / denom
     if key_merge == "mean":
-        new_k = torch.where(ok, ksum[:, :, :L] / wsum[:, :, :L].clamp(min=1e-30), k.float())
+        new_k[ctr] = total(rows, w[rows] * kf[rows])[at] / denom
     else:  # direction and norm merged separately
-        norm = k.float().norm(dim=-1, keepdim=True)
-        nsum = torch.zeros(B, H, L + 1, 1, device=k.device).scatter_add_(2, assign[..., None], w * norm)
-        dsum = torch.zeros(B, H, L + 1, D, device=k.device).scatter_add_(2, idx, w * k.float() / norm.clamp(min=1e-30))
-        merged = F.normalize(dsum[:, :, :L], dim=-1) * nsum[:, :, :L] / wsum[:, :, :L].clamp(min=1e-30)
-        new_k = torch.where(ok, merged, k.float())
-    return new_k.to(k.dtype), new_v.to(v.dtype)
+        norm = kf[rows].norm(dim=-1, keepdim=True)
+        nsum, dsum = total(rows, w[rows] * norm), total(rows, w[rows] * kf[rows] / norm.clamp(min=1e-30))
+        new_k[ctr] = F.normalize(dsum[at], dim=-1) * nsum[at] / denom
+    return new_k.view(B, H, L, D).to(k.dtype), new_v.view(B, H, L, D).to(v.dtype)
