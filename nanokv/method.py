@@ -285,7 +285,9 @@ class ScoredEviction(Method):
 
     def evict(self, layer: Ragged, keep: torch.Tensor):
         """Hold only the entries where keep (B, H, Lmax) is True: at a decode step in place (the
-        dropped entry's slot takes the newest token: Ragged.evict_in_place), else compacting."""
+        dropped entry's slot takes the newest token: Ragged.evict_in_place), else compacting.
+        In place assumes keep drops exactly one entry per head (keep_mask's decode-step mask); a
+        subclass whose mask may drop 0 or 2 from a head (EMS's adaptive heads) turns it off."""
         if self.evicts_in_place and self._one_out(layer, self.budget):
             layer.evict_in_place((~keep).byte().argmax(dim=-1))  # (B, H) the one dropped slot
         else:

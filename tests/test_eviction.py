@@ -376,6 +376,30 @@ def test_in_place_eviction_equals_compacting(name):
                 assert torch.allclose(a.padded(f), b.padded(f), rtol=0, atol=1e-5), f
 
 
+def test_ems_adaptive_heads_keep_their_window_at_every_decode_step():
+    """EMS with head_budgets="adaptive" chooses centers over the whole layer, so a decode step may
+    drop two tokens from one head and none from another, even when every head holds budget + 1:
+    it must compact, not evict one slot per head in place (a head that drops nothing would lose
+    the token in its slot 0). Regression: the window token at slot 0 of a head went missing."""
+    model = peaked_model(seed=3)
+    idx = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(3))
+    method = METHODS["ems"].scaled(12, head_budgets="adaptive")
+    assert not method.evicts_in_place and METHODS["ems"].scaled(12).evicts_in_place
+    cache, ragged = KVCache(model.config, method), 0
+    with torch.no_grad():
+        model(idx[:, :20], cache=cache)
+        for t in range(20, 60):
+            model(idx[:, t:t + 1], cache=cache)
+            for li in range(model.config.n_layer):
+                lens = cache.lengths(li)[0]  # (H,)
+                ragged += int(lens.min() != lens.max())
+                assert lens.float().mean() <= 12
+                for h in range(model.config.n_head):
+                    kept = set(cache.kept_positions(li, 0, h).tolist())
+                    assert set(range(t + 1 - method.window, t + 1)) <= kept, (t, li, h, sorted(kept))
+    assert ragged > 0  # the heads really did hold different numbers of tokens
+
+
 def test_decode_step_drops_what_the_sort_drops_even_with_nan_scores():
     """keep_mask at a decode step (argmin by position) against top_k_mask (the sort), on one layer
     whose scores include a NaN: the sort ranks NaN highest, so the protected sink must stay."""

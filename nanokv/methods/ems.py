@@ -71,7 +71,7 @@ class EMS(ScoredEviction):
         self.mass, self.tau, self.key_merge = float(mass), float(tau), key_merge
         self.probs_rows = window  # observe reads column sums and the last `window` rows
         self.head_budgets, self.alpha, self.interval, self.nonneg_cos = head_budgets, float(alpha), interval, nonneg_cos
-        self.evicts_in_place = interval == 1  # a decode step drops one token per head; else several (compacting)
+        self.evicts_in_place = interval == 1 and head_budgets == "uniform"  # adaptive: a head may drop 0 or 2
 
     @classmethod
     def scaled(cls, budget, **kwargs):
