@@ -305,10 +305,16 @@ class ScoredEviction(Method):
         arrives and they were protected ever since."""
         pos = layer.padded("pos")  # (B, H, L) int32
         newest = layer.n_seen + layer.n_new - 1  # the position of the token just stored
-        protected = (pos < self.n_sink) | (pos > newest - self.window)
-        s = score.float().nan_to_num(nan=float("inf")).masked_fill(protected, float("inf"))  # (B, H, L)
-        lowest = s == s.amin(dim=-1, keepdim=True)  # (a NaN score ranks highest, as in top_k_mask's sort)
-        return torch.where(lowest, pos, torch.iinfo(pos.dtype).max).argmin(dim=-1)  # ties: the oldest goes
+        return lowest_slot(score, pos, (pos < self.n_sink) | (pos > newest - self.window))
+
+
+def lowest_slot(score, pos, protected) -> torch.Tensor:
+    """(B, H) the slot of each head's lowest score outside `protected` (B, H, L), ties to the
+    oldest position: the one entry top_k_mask would drop from a head holding budget + 1, found
+    with an argmin and by position (the slots need not be in position order)."""
+    s = score.float().nan_to_num(nan=float("inf")).masked_fill(protected, float("inf"))  # (B, H, L)
+    lowest = s == s.amin(dim=-1, keepdim=True)  # (a NaN score ranks highest, as in top_k_mask's sort)
+    return torch.where(lowest, pos, torch.iinfo(pos.dtype).max).argmin(dim=-1)  # ties: the oldest goes
 
 
 def top_k_mask(lengths, score, budget, n_sink: int = 0, window: int = 0) -> torch.Tensor:

@@ -149,6 +149,18 @@ def _split_bytes(x: torch.Tensor, half: int) -> torch.Tensor:
     return w.view(torch.uint8)
 
 
+def _four_codes(x: torch.Tensor) -> torch.Tensor:
+    """(..., m) uint8 -> (..., 4m): the four 2-bit codes of every byte, in order (twice as fast as
+    two _split_bytes). In 32-bit words, where a multiplication is an OR when the shifted copies do
+    not overlap: w * 4097 = w | w << 12 (w < 2^8), masked with 0x000F000F, leaves the low nibble in
+    bits 0-3 and the high one in bits 16-19; n * 65 = n | n << 6 copies each nibble's upper pair
+    to the next byte; the mask 0x03030303 keeps one code per byte, which read as bytes
+    (little-endian) are the four codes in order."""
+    w = x.to(torch.int32, memory_format=torch.contiguous_format)
+    w.mul_(4097).bitwise_and_(0x000F000F).mul_(65).bitwise_and_(0x03030303)
+    return w.view(torch.uint8)
+
+
 def _shift_out(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """The 8 // bits codes of every byte (code i: bits [bits * i, bits * (i + 1))), shifted out
     in uint8 and stacked along a new dim `dim`."""
@@ -160,11 +172,12 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     view of `packed` itself: do not write into it)."""
     check_bits(bits)
     per, nbytes = _chunk(bits)
-    if nbytes == 1 and sys.byteorder == "little":  # 2, 4, 8 bits: whole codes in each byte
-        codes = packed
-        for half in {1: (), 2: (4,), 4: (4, 2)}[per]:  # 8 bits: the bytes; 4 bits: one split; 2 bits: two
-            codes = _split_bytes(codes, half)
-        return codes[..., :n]
+    if bits == 2 and sys.byteorder == "little":
+        return _four_codes(packed)[..., :n]
+    if bits == 4 and sys.byteorder == "little":  # two codes in each byte: one split
+        return _split_bytes(packed, 4)[..., :n]
+    if bits == 8:
+        return packed[..., :n]
     if nbytes == 1:  # a big-endian machine: shifted out one code at a time
         return _shift_out(packed, bits, dim=-1).flatten(-2)[..., :n]
     b = packed.to(torch.int64).reshape(*packed.shape[:-1], packed.shape[-1] // nbytes, nbytes)

@@ -120,6 +120,50 @@ def test_mikv_demotion_is_one_way_and_nothing_is_dropped(setup):
     assert min(history.values()) == 3
 
 
+class _CompactingMiKV(MiKV):
+    """MiKV taking the general path at every call: rank the high tier (top_k_mask) and compact it."""
+
+    def demote(self, layer, n_seen):
+        n_new, layer.n_new = layer.n_new, 0  # not seen as a one-token step
+        try:
+            super().demote(layer, n_seen)
+        finally:
+            layer.n_new = n_new
+
+
+def test_mikv_in_place_demotion_equals_compacting():
+    """A decode step demotes one token per head by argmin and writes the newest token into its
+    high-tier slot (Ragged.evict_in_place); ranking and compacting at every step chooses the same
+    tokens: equal precisions of every position after every call (a 3-token chunk in the middle
+    puts the slots back in position order first), logits within float reassociation (attention
+    reads the high tier in another order), and the same high tier once sorted (F within 1e-5)."""
+    model = peaked_model(seed=5)
+    idx = torch.randint(0, 256, (2, 70), generator=torch.Generator().manual_seed(5))
+    calls = [(0, 36)] + [(t, t + 1) for t in range(36, 50)] + [(50, 53)] + [(t, t + 1) for t in range(53, 70)]
+    runs = []
+    for cls in (MiKV, _CompactingMiKV):
+        cache = KVCache(model.config, cls(rho=0.3, bits_lo=2))
+        logits, kept = [], []
+        with torch.no_grad():
+            for a, b in calls:
+                logits.append(model(idx[:, a:b], cache=cache)[0])
+                kept.append([[t.tolist() for t in cache.kept_precision(l, r, h)]
+                             for l in range(2) for r in range(2) for h in range(4)])
+        runs.append((logits, kept, cache))
+    (l1, k1, c1), (l2, k2, c2) = runs
+    assert k1 == k2
+    assert {b for step in k1 for head in step for b in head[1]} == {2, 32}  # both tiers in use
+    diff = max((a - b).abs().max().item() for a, b in zip(l1, l2))
+    print(f"mikv: in-place demotion vs compacting, max logit diff {diff:.2g}")
+    assert diff <= 1e-5
+    hi1, hi2 = c1.layers[0].segments["hi"], c2.layers[0].segments["hi"]
+    assert not hi1.ordered and hi2.ordered  # the slots really were reused out of order
+    hi1.sort_by_position()
+    for name in ("k", "v", "pos"):
+        assert torch.equal(hi1.padded(name), hi2.padded(name)), name
+    assert (hi1.padded("acc") - hi2.padded("acc")).abs().max() <= 1e-5  # F sums the reordered probabilities
+
+
 def test_quantized_eviction_keeps_the_same_set_at_8_bits(setup):
     """Wrapping H2O changes storage, not the policy: at 8 bits the kept sets match plain H2O
     on this peaked model, and the prefill (full-precision current tokens) is exact."""

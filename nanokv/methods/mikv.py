@@ -29,13 +29,14 @@ until `calibrate` tokens are seen the running maxima are tracked (2 * B * H * D 
 is balanced and nothing is demoted (the cache briefly holds them all in high precision); then
 b is computed, the held keys are rescaled, and demotion starts.
 Grouped-query models (nanokv.hf): F sums the mean of a key-value head's query heads' rows.
+Speed: a decode step's one demoted slot per head takes the newest token (no compaction).
 """
 
 import math
 
 import torch
 
-from ..method import LowBitPart, Method, _check_int, _check_number, store_part, top_k_mask
+from ..method import LowBitPart, Method, _check_int, _check_number, lowest_slot, store_part, top_k_mask
 from ..quant import check_bits, check_group, check_group_saves
 from ..ragged import Ragged
 
@@ -51,19 +52,15 @@ class MiKV(Method):
                  group: int | None = None, balancer: bool = True, recent: float = 0.5, calibrate: int = 32):
         super().__init__(budget=None)
         _check_number("rho", rho, 0, 1, low_open=True)
-        if bits_lo is not None:
-            bits_lo = check_bits(bits_lo, "bits_lo")
-        if bits_hi is not None:
-            bits_hi = check_bits(bits_hi, "bits_hi")
+        bits_lo = None if bits_lo is None else check_bits(bits_lo, "bits_lo")
+        bits_hi = None if bits_hi is None else check_bits(bits_hi, "bits_hi")
         if bits_hi is not None and bits_hi not in (4, 8):
             raise ValueError(f"bits_hi must be None (the model dtype), 8 or 4, got {bits_hi!r}")
         if bits_hi is not None and (bits_lo is None or bits_lo >= bits_hi):  # demotion must lower precision
             raise ValueError(f"bits_lo ({bits_lo}) must be below bits_hi ({bits_hi}): demotion lowers precision "
                              "(None = the model dtype, the highest)")
-        if group is not None:
-            group = _check_int("group", group, 1)
-            if bits_lo is not None:
-                group = check_group_saves(bits_lo, group)
+        if group is not None:  # an int >= 1, and one that saves memory at bits_lo
+            group = _check_int("group", group, 1) if bits_lo is None else check_group_saves(bits_lo, group)
         _check_number("recent", recent, 0, 1)
         calibrate = _check_int("calibrate", calibrate, 1)
         self.rho, self.bits_lo, self.bits_hi, self.group = float(rho), bits_lo, bits_hi, group
@@ -76,7 +73,6 @@ class MiKV(Method):
         self.group_size = self.group or (D // 2 if self.balancer else D)
         check_group(D, self.group_size)
 
-    # ------------------------------------------------------------------ the two tiers
     def _tier(self, layer, bits):
         """A store of per-token keys and values, in the model dtype (bits None) or `bits` bits."""
         D = layer.trailing["k"][0]
@@ -97,7 +93,6 @@ class MiKV(Method):
         for name in ("k", "v", "pos"):  # the tiers hold everything; the main store stays empty
             layer.drop_field(name)
 
-    # ------------------------------------------------------------------ one call
     def prepare(self, layer, q, k):
         if self.balancer and layer.index not in self.scales:
             self.calibrate_balancer(layer, q, k, n_seen=layer.n_seen + q.size(2))
@@ -135,19 +130,24 @@ class MiKV(Method):
             hi.set_padded("k", (hi.padded("k").float() * b).to(layer.dtype))
 
     def demote(self, layer, n_seen: int):
-        """Move the tokens H2O would evict from the high- to the low-precision tier."""
+        """Move the tokens H2O would evict from the high- to the low-precision tier. A decode step
+        demotes one per head, found by argmin; its slot takes the newest token (as H2O evicts)."""
         hi, lo = layer.segments["hi"], layer.segments["lo"]
         target = math.ceil(self.rho * n_seen)
         if hi.max_len <= target:
             return
-        keep = top_k_mask(hi.lengths, hi.padded("acc", fill=float("-inf")), target,
-                          window=int(self.recent * target))
-        down = ~keep & hi.valid_mask()
+        window, pos = int(self.recent * target), hi.padded("pos", fill=-1)  # (B, H, L)
+        one = layer.n_new == 1 and hi.uniform and hi.max_len == target + 1
+        if one:  # the token top_k_mask would demote, by position: in-place slots are not in order
+            slot = lowest_slot(hi.padded("acc"), pos, protected=pos > n_seen - 1 - window)  # (B, H)
+            down = torch.zeros_like(pos, dtype=torch.bool).scatter_(-1, slot[..., None], True)
+        else:
+            hi.sort_by_position()  # top_k_mask reads slot order as position order
+            keep = top_k_mask(hi.lengths, hi.padded("acc", fill=float("-inf")), target, window=window)
+            down = ~keep & hi.valid_mask()
         B, H, m = hi.batch, hi.heads, hi.max_len - target  # every head demotes m tokens
-        k, v, pos, _ = store_part(hi)
-        take = lambda t: t[down].view(B, H, m, *t.shape[3:])  # noqa: E731 - (B, H, m, ...)
-        lo.append(k=take(k), v=take(v), pos=take(pos))
-        hi.keep(keep)
+        lo.append(**{n: t[down].view(B, H, m, *t.shape[3:]) for n, t in zip(("k", "v", "pos"), store_part(hi))})
+        hi.evict_in_place(slot) if one else hi.keep(keep)
 
     def gather(self, layer, fresh=None):  # the low tier packed (the Triton backend reads its codes)
         lo = layer.segments["lo"]
@@ -155,8 +155,8 @@ class MiKV(Method):
 
     def state_nbytes(self):
         out = super().state_nbytes()
-        out["method_state"] += sum(t.numel() * t.element_size() for t in self.scales.values())
-        out["method_state"] += sum(t.numel() * t.element_size() for pair in self._maxima.values() for t in pair)
+        held = [*self.scales.values(), *(t for pair in self._maxima.values() for t in pair)]  # b, running maxima
+        out["method_state"] += sum(t.numel() * t.element_size() for t in held)
         return out
 
     def reset(self):
