@@ -24,7 +24,8 @@ After an eviction (`keep`) the buffer is exactly the size of what is kept (no sp
 so a compressed cache's bytes are exactly budget x per-entry bytes. A decode step's eviction
 (`evict_in_place`: the newest entry overwrites the dropped one, nothing is compacted) keeps
 one spare slot per head instead, reported as padding, and leaves the slots out of position
-order until `sort_by_position`.
+order until `sort_by_position`; so does `drop_oldest(1)` (a first-in-first-out store's decode
+step), which keeps the order.
 """
 
 from __future__ import annotations
@@ -253,6 +254,24 @@ class Ragged:
         self.lengths = self.lengths - 1
         self._uniform_len = self._max_len = L - 1
         self.ordered = False
+        if C > L:  # the first such step: shrink to the one spare slot (a copy, once)
+            self._grow(L)
+
+    def drop_oldest(self, n: int):
+        """Drop the first n entries of every head (its n oldest: slots in position order). One entry
+        of a uniform store (a decode step of a first-in-first-out residual, KIVI's values): the
+        others move down one slot within the same buffers and the freed last slot stays allocated
+        for the next token (padding, one spare slot per head, as after evict_in_place); otherwise
+        `keep` compacts the store."""
+        L, C = self._uniform_len, self.capacity
+        if n != 1 or not L or not self.ordered:  # (L None: ragged)
+            mask = torch.ones(self.batch, self.heads, self.max_len, dtype=torch.bool, device=self.lengths.device)
+            mask[:, :, :n] = False
+            return self.keep(mask)
+        for t in self.fields.values():
+            t[:, :, :L - 1] = t[:, :, 1:L].clone()  # the two ranges overlap: read them out first
+        self.lengths = self.lengths - 1
+        self._uniform_len = self._max_len = L - 1
         if C > L:  # the first such step: shrink to the one spare slot (a copy, once)
             self._grow(L)
 

@@ -174,6 +174,29 @@ def test_ragged_append_keep_roundtrip():
     assert r.nbytes()["keys"] == int(r.lengths.sum()) * 2 * 4
 
 
+def test_ragged_drop_oldest_in_place_equals_keep():
+    """drop_oldest(1) on a uniform store (KIVI's value residual at a decode step) moves the entries
+    down a slot in the same buffers, one spare slot left; keep() of the same mask compacts. Same
+    entries in the same order at every step; n > 1 compacts exactly."""
+    a, b = Ragged(2, 3, "cpu", grow_by=4), Ragged(2, 3, "cpu", grow_by=4)
+    for r in (a, b):
+        r.add_field("x", "values", (2,), torch.float32)
+    x = torch.randn(2, 3, 9, 2, generator=torch.Generator().manual_seed(0))
+    a.append(x=x[:, :, :5]), b.append(x=x[:, :, :5])
+    for t in range(5, 9):
+        a.append(x=x[:, :, t:t + 1]), b.append(x=x[:, :, t:t + 1])
+        buf = a.fields["x"].data_ptr()
+        a.drop_oldest(1)
+        mask = torch.ones(2, 3, b.max_len, dtype=torch.bool)
+        mask[:, :, 0] = False
+        b.keep(mask)
+        assert torch.equal(a.padded("x"), b.padded("x")) and torch.equal(a.padded("x"), x[:, :, t - 4:t + 1])
+        assert a.capacity == a.max_len + 1 and b.capacity == b.max_len  # one spare slot vs none
+        assert t == 5 or a.fields["x"].data_ptr() == buf  # after the first step: no new buffer
+    a.drop_oldest(2)
+    assert torch.equal(a.padded("x"), x[:, :, 6:9]) and a.capacity == 3 and a.nbytes()["padding"] == 0
+
+
 def test_ragged_attention_matches_per_head_loop():
     """Attention over ragged heads equals attention computed head by head on their own entries."""
     from nanokv.cache import reference_attention

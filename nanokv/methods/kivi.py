@@ -90,18 +90,12 @@ class KIVI(Method):
             codes, scale, zero = layer.pack(chunks, self.bits, G)  # one group per (chunk, channel)
             pos = layer.padded("pos")[:, :, :n_k].reshape(B, H, n_k // G, G)
             layer.segments["kq"].append(codes=codes, scale=scale[..., 0], zero=zero[..., 0], pos=pos)
-            layer.keep(self._drop_oldest(layer, n_k))
+            layer.drop_oldest(n_k)
         vr, vq = layer.segments["vr"], layer.segments["vq"]
         n_v = max(0, vr.max_len - R)  # values: first in, first out
         if n_v:
             vq.append(v=vr.padded("v")[:, :, :n_v])
-            vr.keep(self._drop_oldest(vr, n_v))
-
-    @staticmethod
-    def _drop_oldest(store, n):
-        mask = torch.ones(store.batch, store.heads, store.max_len, dtype=torch.bool, device=store.lengths.device)
-        mask[:, :, :n] = False
-        return mask
+            vr.drop_oldest(n_v)  # a decode step: the others move down a slot (no new buffer)
 
 
 class KIVIPart(PackedPart):
