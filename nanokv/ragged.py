@@ -205,7 +205,12 @@ class Ragged:
         unknown = set(new) - set(self.fields) - set(self.quantized)
         if unknown:
             raise ValueError(f"unknown fields {sorted(unknown)}; fields: {sorted(self.fields)}")
-        for name in [n for n in new if n in self.quantized]:
+        low = [n for n in new if n in self.quantized]
+        if len(low) == 2 and self.quantized[low[0]] == self.quantized[low[1]]:  # keys and values alike:
+            both = self._quantize(low[0], torch.stack([new.pop(n) for n in low]))  # one call (per-group: the same codes)
+            new.update({f"{n}.{x}": both[f"{low[0]}.{x}"][i] for i, n in enumerate(low) for x in ("codes", "scale", "zero")})
+            low = []
+        for name in low:
             new.update(self._quantize(name, new.pop(name)))
         B, H, T = next(iter(new.values())).shape[:3]
         if self.uniform:

@@ -38,7 +38,7 @@ import torch
 
 from ..method import LowBitPart, Method, _check_int, _check_number, lowest_slot, store_part, top_k_mask
 from ..quant import check_bits, check_group, check_group_saves
-from ..ragged import Ragged
+from ..ragged import Ragged, mask_slots
 
 
 class MiKV(Method):
@@ -139,15 +139,15 @@ class MiKV(Method):
         window, pos = int(self.recent * target), hi.padded("pos", fill=-1)  # (B, H, L)
         one = layer.n_new == 1 and hi.uniform and hi.max_len == target + 1
         if one:  # the token top_k_mask would demote, by position: in-place slots are not in order
-            slot = lowest_slot(hi.padded("acc"), pos, protected=pos > n_seen - 1 - window)  # (B, H)
-            down = torch.zeros_like(pos, dtype=torch.bool).scatter_(-1, slot[..., None], True)
+            slots = lowest_slot(hi.padded("acc"), pos, protected=pos > n_seen - 1 - window)[..., None]  # (B, H, 1)
         else:
             hi.sort_by_position()  # top_k_mask reads slot order as position order
             keep = top_k_mask(hi.lengths, hi.padded("acc", fill=float("-inf")), target, window=window)
-            down = ~keep & hi.valid_mask()
-        B, H, m = hi.batch, hi.heads, hi.max_len - target  # every head demotes m tokens
-        lo.append(**{n: t[down].view(B, H, m, *t.shape[3:]) for n, t in zip(("k", "v", "pos"), store_part(hi))})
-        hi.evict_in_place(slot) if one else hi.keep(keep)
+            slots = mask_slots(~keep & hi.valid_mask(), hi.max_len - target)  # (B, H, m): every head demotes m
+        k, v, pos, _ = store_part(hi)
+        lo.append(k=k.take_along_dim(slots[..., None], 2), v=v.take_along_dim(slots[..., None], 2),
+                  pos=pos.take_along_dim(slots, 2))
+        hi.evict_in_place(slots[..., 0]) if one else hi.keep(keep)
 
     def gather(self, layer, fresh=None):  # the low tier packed (the Triton backend reads its codes)
         lo = layer.segments["lo"]
