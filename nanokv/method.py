@@ -354,12 +354,16 @@ def nearest_center(k, v, centers, rows, nonneg: bool = True, backend: str = "tor
     B, H, L, D = k.shape
     t = mask_slots(rows)  # (B, H, m) the asked rows only (one per head at a decode step)
     m = t.size(-1)
-    kn = F.normalize(k.float(), dim=-1)
-    sim = kn.gather(2, t[..., None].expand(B, H, m, D)) @ kn.transpose(-1, -2)  # (B, H, m, L_c)
+
+    def cos(x):  # (B, H, m, L): x_t . x_c / (|x_t| |x_c|), norms at least 1e-12 (as F.normalize)
+        x = x.float()  # (B, H, L, D)
+        norm = x.norm(dim=-1).clamp(min=1e-12)  # (B, H, L)
+        dots = x.gather(2, t[..., None].expand(B, H, m, D)) @ x.transpose(-1, -2)  # divided after: m x L, not L x D
+        return dots / (norm.gather(-1, t)[..., None] * norm[:, :, None, :])
+
+    sim = cos(k)  # (B, H, m, L_c)
     if v is not None:
-        vn = F.normalize(v.float(), dim=-1)
-        cv = vn.gather(2, t[..., None].expand(B, H, m, D)) @ vn.transpose(-1, -2)
-        sim = sim.clamp(min=0) * cv.clamp(min=0) if nonneg else sim * cv
+        sim = sim.clamp(min=0) * cos(v).clamp(min=0) if nonneg else sim * cos(v)
     sim = sim.masked_fill(~centers[:, :, None, :], float("-inf"))
     best_t, center_t = sim.max(dim=-1)  # (B, H, m)
     best = torch.full((B, H, L), float("-inf"), device=k.device).scatter(-1, t, best_t)
