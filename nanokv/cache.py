@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .method import LowBitPart, Method, PackedPart, Scratch, concat_parts
+from .method import LowBitPart, Method, PackedPart, RaggedPart, Scratch, concat_parts
 from .ragged import KINDS, Layer
 
 BACKENDS = ("torch", "triton")
@@ -80,6 +80,26 @@ def reference_attention(q, k, v, q_pos, k_pos, valid=None, with_probs: bool = Tr
         att.masked_fill_(~seen, float("-inf"))
     probs = torch.softmax(att, dim=-1)
     return out, (probs if G == 1 else probs.view(B, H, G, T, -1).mean(dim=2))
+
+
+def ragged_attention(q, part, q_pos, with_probs: bool = True):
+    """reference_attention over a RaggedPart (heads holding different numbers of entries), one head
+    at a time over its own rows: views of the flat store, so no padded (B, H, Lmax, D) copy and no
+    padding mask is built. Returns what reference_attention over the padded part returns (out
+    (B, Hq, T, D); probs (B, H, T, Lmax) fp32, 0 at padded slots), within float rounding."""
+    B, Hq, T, D = q.shape
+    H = part.store.heads
+    G = Hq // H  # grouped-query: query heads h * G ... h * G + G - 1 read key-value head h
+    probs = q.new_zeros(B, H, T, part.store.max_len, dtype=torch.float32) if with_probs else None
+    outs = []
+    for i, (k, v, pos) in enumerate(part.heads()):  # (L_h, D), (L_h, D), (L_h,)
+        b, h = divmod(i, H)
+        out, p = reference_attention(q[b:b + 1, h * G:h * G + G], k[None, None], v[None, None], q_pos,
+                                     pos[None, None], None, with_probs)
+        outs.append(out)  # (1, G, T, D)
+        if with_probs:
+            probs[b, h, :, :k.size(0)] = p[0, 0]
+    return torch.cat(outs, dim=1).view(B, Hq, T, D), probs
 
 
 def group_mean(probs, G: int):
@@ -240,7 +260,9 @@ class KVCache:
             if n > 1:  # the general rules read slot order as position order
                 layer.sort_by_position()
             m.store(layer, k[:, :, piece], v[:, :, piece], pos)
-            out, probs = self.attention_over(q[:, :, piece], m.gather(layer, fresh), pos, with_probs=m.needs_probs)
+            # a method that compresses only its prompt (SnapKV's family) reads no probabilities after it
+            with_probs = m.needs_probs and (layer.n_seen == 0 or m.compresses_at != "prefill")
+            out, probs = self.attention_over(q[:, :, piece], m.gather(layer, fresh), pos, with_probs=with_probs)
             m.compress(layer, m.observe(layer, probs, q[:, :, piece]))
             layer.n_seen += n
             layer.n_new = 0
@@ -269,6 +291,8 @@ class KVCache:
             routed = self._decode_quant(q, parts)
             if routed is not None:
                 return routed
+        if len(parts) == 1 and isinstance(parts[0], RaggedPart) and self.backend == "torch":
+            return ragged_attention(q, parts[0], q_pos, with_probs)  # heads of different lengths: one at a time
         if len(parts) == 1 and not isinstance(parts[0], PackedPart):
             k, v, k_pos, valid = parts[0]
         else:  # several parts, or packed ones: one key and one value buffer, reused by the next layer

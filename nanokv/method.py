@@ -60,9 +60,33 @@ def _check_number(name, value, low, high=None, low_open=False, note=""):
 
 
 def store_part(store: Ragged, k: str = "k", v: str = "v"):
-    """(keys, values, positions, validity) of a full-precision store, padded (B, H, L, ...)."""
-    valid = None if store.uniform else store.valid_mask()
-    return store.padded(k), store.padded(v), store.padded("pos", fill=-1), valid
+    """(keys, values, positions, validity) of a full-precision store, padded (B, H, L, ...): views
+    of a uniform store; for ragged heads a RaggedPart, which pads only when indexed."""
+    if not store.uniform:
+        return RaggedPart(store, k, v)
+    return store.padded(k), store.padded(v), store.padded("pos", fill=-1), None
+
+
+class RaggedPart:
+    """A full-precision store whose heads hold different numbers of entries (Ada-KV, adaptive EMS)
+    as an attention part. Indexed like a part, (k, v, k_pos, valid), it builds each padded copy
+    when first asked; the cache's torch attention over it alone reads `heads()` instead: every
+    head's own rows, views of the flat store (ragged_attention in nanokv/cache.py: no copy)."""
+
+    def __init__(self, store: Ragged, k: str = "k", v: str = "v"):
+        self.store, self.names, self._padded = store, (k, v, "pos"), {}
+
+    def __getitem__(self, i):
+        if i not in (0, 1, 2, 3):
+            raise IndexError(i)  # (so that k, v, k_pos, valid = part unpacks it)
+        if i not in self._padded:
+            self._padded[i] = self.store.valid_mask() if i == 3 else \
+                self.store.padded(self.names[i], fill=-1 if i == 2 else 0.0)
+        return self._padded[i]
+
+    def heads(self):
+        """(k (L_h, D), v (L_h, D), pos (L_h,)) of every (batch row, head), row-major."""
+        return zip(*(self.store.head_rows(name) for name in self.names))
 
 
 class PackedPart:
@@ -163,7 +187,8 @@ class Method:
 
     name = "full"
     # "never", "prefill", "decode", "prefill+decode": the README table, and cache.reserve (only
-    # "never" and "prefill" methods hold a growing store after the prefill, worth reserving)
+    # "never" and "prefill" methods hold a growing store after the prefill, worth reserving);
+    # "prefill" means the layer's first call only: observe gets probs None after it
     compresses_at = "never"
     takes_budget = True  # every method but the full cache is built as cls(budget=b, ...)
     lossy = False  # True: differs from the full cache even when nothing is evicted (the quantizers)

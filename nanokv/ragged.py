@@ -15,10 +15,14 @@ Two layouts, chosen automatically after every change:
            time, so appending a token is a copy into a free slot, not a reallocation of the
            whole cache; the C - L spare slots are real memory and are reported as padding.
   ragged   heads hold different numbers of entries (Ada-KV, EMS). Each field is flat
-           (N, *trailing), N = lengths.sum(), rows grouped head by head
-           [head (0,0)][head (0,1)]...[head (B-1,H-1)], with no padding at all.
-           `padded(name)` then builds a temporary (B, H, Lmax, *trailing) copy plus a validity
-           mask for one computation; that copy is never held.
+           (rows, *trailing), every head owning a run of rows, head by head
+           [head (0,0)][head (0,1)]...[head (B-1,H-1)]: its entries, then spare rows. After
+           `keep` a head owns exactly its entries (no padding at all); appending to a head
+           with no room moves every head into a run with `grow_by` - 1 spare rows (one copy;
+           the spare rows are real memory, reported as padding, as in the uniform layout),
+           so the next decode steps write one row per head. `padded(name)` builds a
+           temporary (B, H, Lmax, *trailing) copy plus a validity mask for one computation
+           (never held); `head_rows(name)` gives each head's entries as views, no copy.
 
 After an eviction (`keep`) the buffer is exactly the size of what is kept (no spare slots),
 so a compressed cache's bytes are exactly budget x per-entry bytes. A decode step's eviction
@@ -59,6 +63,7 @@ class Ragged:
         self.backend = "torch"  # the cache's backend (set by it): "triton" packs with fast/quant.py
         self.bits: int | None = None  # the bits keys and values are stored at here (None: the model dtype)
         self.ordered = True  # entries in position order in every head (False after evict_in_place)
+        self._caps: torch.Tensor | None = None  # ragged layout: (B*H,) rows each head owns; None: its entries only
 
     # ------------------------------------------------------------------ declaring fields
     def add_field(self, name: str, kind: str, trailing: tuple, dtype: torch.dtype, fill: float = 0.0):
@@ -66,7 +71,8 @@ class Ragged:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if name in self.fields:
             raise ValueError(f"field {name!r} already exists")
-        lead = (self.batch, self.heads, self.capacity) if self.uniform else (int(self.lengths.sum()),)
+        lead = (self.batch, self.heads, self.capacity) if self.uniform else \
+            (int((self.lengths.flatten() if self._caps is None else self._caps).sum()),)
         self.fields[name] = torch.full((*lead, *trailing), fill, dtype=dtype, device=self.lengths.device)
         self.trailing[name], self.kinds[name], self.fills[name] = tuple(trailing), kind, fill
 
@@ -140,14 +146,35 @@ class Ragged:
         out = torch.full((self.batch, self.heads, self.max_len, *self.trailing[name]), fill,
                          dtype=t.dtype, device=t.device)
         slots = self.valid_mask().flatten().nonzero().squeeze(1)  # (N,) each entry's padded slot
-        out.view(-1, *self.trailing[name]).index_copy_(0, slots, t)
+        rows = self._held_rows()
+        out.view(-1, *self.trailing[name]).index_copy_(0, slots, t if rows is None else t.index_select(0, rows))
         return out
+
+    def _held_rows(self) -> torch.Tensor | None:
+        """Ragged layout with spare rows: (N,) the storage rows that hold entries, head by head;
+        None when every row does (after keep)."""
+        if self._caps is None:
+            return None
+        n, caps = self.lengths.flatten(), self._caps  # (B*H,) entries and rows of each head
+        shift = (torch.cumsum(caps, 0) - caps) - (torch.cumsum(n, 0) - n)  # first row - first entry's index
+        return torch.arange(int(n.sum()), device=n.device) + torch.repeat_interleave(shift, n)
 
     def flat(self, name: str) -> torch.Tensor:
         """Field `name` as (N, *trailing), entries grouped head by head."""
         if name in self.quantized:
             return self.padded(name)[self.valid_mask()]
-        return self.padded(name).reshape(-1, *self.trailing[name]) if self.uniform else self.fields[name]
+        if self.uniform:
+            return self.padded(name).reshape(-1, *self.trailing[name])
+        rows = self._held_rows()
+        return self.fields[name] if rows is None else self.fields[name].index_select(0, rows)
+
+    def head_rows(self, name: str) -> tuple:
+        """Ragged layout: field `name` of every head as its own (L_h, *trailing) tensor, a view of
+        the flat storage (B * H of them, head (0, 0) first; nothing is copied)."""
+        n = self.lengths.flatten().tolist()
+        if self._caps is None:
+            return self.fields[name].split(n)
+        return tuple(run[:m] for run, m in zip(self.fields[name].split(self._caps.tolist()), n))
 
     def set_padded(self, name: str, value: torch.Tensor):
         """Write field `name` from a padded (B, H, Lmax, *trailing) tensor (padding ignored)."""
@@ -159,7 +186,11 @@ class Ragged:
         if self.uniform:
             t[:, :, : self._uniform_len] = value
         else:
-            self.fields[name] = value.to(t.dtype)[self.valid_mask()]
+            rows = self._held_rows()
+            if rows is None:
+                self.fields[name] = value.to(t.dtype)[self.valid_mask()]
+            else:
+                t.index_copy_(0, rows, value.to(t.dtype)[self.valid_mask()])
 
     def pack(self, value: torch.Tensor, bits: int, group: int):
         """(codes, scale, zero) of value: nanokv.quant.quantize_packed, or with the Triton
@@ -225,23 +256,31 @@ class Ragged:
             self.lengths = self.lengths + T
             self._uniform_len, self._max_len = L + T, L + T
             return
-        # ragged: scatter the old rows and the new ones into larger flat tensors
-        n_old = self.lengths.flatten()
+        # ragged: each head's new entries go to its spare rows; when a head has too few, every
+        # head first moves into a run with grow_by - 1 spare rows after them (one copy)
+        n_old = self.lengths.flatten()  # (B*H,)
         new_len = self.lengths + T
-        start = torch.cumsum(new_len.flatten(), 0) - new_len.flatten()  # (B*H,) first row of each head
-        head_of_row = torch.repeat_interleave(torch.arange(B * H, device=start.device), n_old)
-        rank = torch.arange(head_of_row.numel(), device=start.device) - (torch.cumsum(n_old, 0) - n_old)[head_of_row]
-        old_dst = start[head_of_row] + rank  # (N,)
-        new_dst = ((start + n_old)[:, None] + torch.arange(T, device=start.device)).flatten()
+        caps = n_old if self._caps is None else self._caps
+        rows = self._held_rows()  # where the old entries are (None: rows 0..N-1)
+        if not bool((caps - n_old >= T).all()):
+            caps = n_old + T + self.grow_by - 1  # (B*H,) the same room in every head: all fill together
+            start = torch.cumsum(caps, 0) - caps  # (B*H,) first row of each head
+            head_of_row = torch.repeat_interleave(torch.arange(B * H, device=start.device), n_old)
+            rank = torch.arange(head_of_row.numel(), device=start.device) - (torch.cumsum(n_old, 0) - n_old)[head_of_row]
+            for name, t in self.fields.items():
+                out = torch.empty((int(caps.sum()), *self.trailing[name]), dtype=t.dtype, device=t.device)
+                self.fields[name] = out.index_copy_(0, start[head_of_row] + rank, t if rows is None else t[rows])
+            self._caps = caps
+        start = torch.cumsum(caps, 0) - caps
+        new_dst = ((start + n_old)[:, None] + torch.arange(T, device=start.device)).flatten()  # (B*H*T,)
         for name, t in self.fields.items():
-            out = torch.empty((int(new_len.sum()), *self.trailing[name]), dtype=t.dtype, device=t.device)
-            out.index_copy_(0, old_dst, t)
             if name in new:
-                out.index_copy_(0, new_dst, new[name].to(t.dtype).flatten(0, 2))
+                t.index_copy_(0, new_dst, new[name].to(t.dtype).flatten(0, 2))
             else:
-                out.index_fill_(0, new_dst, self.fills[name])
-            self.fields[name] = out
+                t.index_fill_(0, new_dst, self.fills[name])
         self._set_lengths(new_len)
+        if self._caps is not None and bool((self._caps == new_len.flatten()).all()):
+            self._caps = None  # every run is full: rows are entries (grow_by 1)
 
     def evict_in_place(self, slots: torch.Tensor):
         """Uniform layout: drop the entry at slot `slots[b, h]` (B, H) of every head by writing
@@ -306,6 +345,7 @@ class Ragged:
             kept = mask.flatten().nonzero().squeeze(1)  # (B*H*n,) b*H*L + h*L + slot, in order
             self._take_slots((kept % max(self.max_len, 1)).view(self.batch, self.heads, n))
             self.lengths, self._uniform_len, self._max_len = counts, n, n
+            self._caps = None
             return
         valid = self.valid_mask()
         if (mask & ~valid).any():
@@ -313,6 +353,7 @@ class Ragged:
         flat = mask[valid]  # (N,) in the flat (b, h, slot) order
         kept = {name: self.flat(name)[flat] for name in self.fields}
         self._set_lengths(counts)
+        self._caps = None  # each head owns exactly its kept entries
         for name, t in kept.items():
             self.fields[name] = t.view(self.batch, self.heads, self._uniform_len, *self.trailing[name]) \
                 if self.uniform else t
@@ -322,10 +363,15 @@ class Ragged:
         out = dict.fromkeys(KINDS, 0)
         for name, t in self.fields.items():
             total = t.numel() * t.element_size()
-            used = total if not self.uniform or not self.capacity else total * self._uniform_len // self.capacity
+            if self.uniform:
+                used = total if not self.capacity else total * self._uniform_len // self.capacity
+            else:
+                used = total if not t.shape[0] else total * int(self.lengths.sum()) // t.shape[0]
             out[self.kinds[name]] += used
-            out["padding"] += total - used  # spare slots of the uniform layout
+            out["padding"] += total - used  # spare slots (uniform) or spare rows (ragged)
         out["positions"] += self.lengths.numel() * self.lengths.element_size()  # index metadata
+        if self._caps is not None:  # (and the ragged layout's rows per head)
+            out["positions"] += self._caps.numel() * self._caps.element_size()
         return out
 
 

@@ -197,6 +197,38 @@ def test_ragged_drop_oldest_in_place_equals_keep():
     assert torch.equal(a.padded("x"), x[:, :, 6:9]) and a.capacity == 3 and a.nbytes()["padding"] == 0
 
 
+def test_ragged_spare_rows():
+    """Ragged heads own runs of rows: appends write into each head's spare rows; when a head is
+    full every head moves (one copy) into a run with grow_by - 1 spare rows; padded, flat, head_rows
+    and set_padded see only the entries; nbytes counts the spare rows as padding; keep makes the
+    store exact again."""
+    r = Ragged(1, 3, "cpu", grow_by=3)
+    r.add_field("x", "keys", (2,), torch.float32)
+    x = torch.randn(1, 3, 4, 2, generator=torch.Generator().manual_seed(0))
+    r.append(x=x)
+    r.keep(torch.tensor([[[1, 1, 1, 1], [1, 0, 0, 0], [0, 1, 1, 0]]], dtype=torch.bool))
+    heads = [list(x[0, 0]), [x[0, 1, 0]], [x[0, 2, 1], x[0, 2, 2]]]
+    rows = []
+    for step in range(4):
+        y = torch.full((1, 3, 1, 2), float(step))
+        r.append(x=y)
+        for h in range(3):
+            heads[h].append(y[0, h, 0])
+        rows.append(r.fields["x"].shape[0])
+        want = [torch.stack(e) for e in heads]
+        assert r.lengths.tolist() == [[len(e) for e in heads]]
+        assert all(torch.equal(a, b) for a, b in zip(r.head_rows("x"), want))
+        assert all(torch.equal(r.padded("x")[0, h, :len(heads[h])], want[h]) for h in range(3))
+        assert torch.equal(r.flat("x"), torch.cat(want))
+        N = sum(map(len, heads))
+        assert r.nbytes()["keys"] == N * 8 and r.nbytes()["padding"] == (rows[-1] - N) * 8
+    assert rows == [7 + 9, 16, 16, 16 + 9]  # runs of 5+2, 2+2, 3+2 rows; then full: 8+2, 5+2, 6+2
+    r.set_padded("x", r.padded("x") * 2)
+    assert torch.equal(r.flat("x"), 2 * torch.cat([torch.stack(e) for e in heads]))
+    r.keep(r.valid_mask())
+    assert r.fields["x"].shape[0] == N and r.nbytes()["padding"] == 0
+
+
 def test_ragged_attention_matches_per_head_loop():
     """Attention over ragged heads equals attention computed head by head on their own entries."""
     from nanokv.cache import reference_attention
@@ -219,6 +251,66 @@ def test_ragged_attention_matches_per_head_loop():
         p = torch.softmax((q[0, h] @ k.T) / 2.0, -1)
         assert torch.allclose(out[0, h], p @ v, atol=1e-6)
         assert torch.allclose(probs[0, h, :, :n], p, atol=1e-6) and (probs[0, h, :, n:] == 0).all()
+
+
+@pytest.mark.parametrize("T, G", [(1, 1), (3, 1), (1, 2), (3, 2)])
+def test_ragged_attention_equals_attention_over_the_padded_heads(T, G):
+    """ragged_attention (one head at a time over views of the flat store, what the cache runs for a
+    layer whose heads differ in length) against reference_attention over the padded copy with its
+    validity mask: decode and a 3-token piece, multi-head and grouped-query (G query heads per
+    stored head), out and probs within 1e-6, probs 0 at padded slots."""
+    from nanokv.cache import ragged_attention, reference_attention
+    from nanokv.method import RaggedPart, store_part
+
+    g = torch.Generator().manual_seed(T + 10 * G)
+    B, H, L, D = 2, 3, 12, 8
+    r = Ragged(B, H, "cpu", grow_by=4)
+    for name, kind in (("k", "keys"), ("v", "values")):
+        r.add_field(name, kind, (D,), torch.float32)
+    r.add_field("pos", "positions", (), torch.int32)
+    r.append(k=torch.randn(B, H, L, D, generator=g), v=torch.randn(B, H, L, D, generator=g),
+             pos=torch.arange(L, dtype=torch.int32).expand(B, H, L))
+    r.keep(torch.rand(B, H, L, generator=g) < 0.6)
+    r.append(k=torch.randn(B, H, T, D, generator=g), v=torch.randn(B, H, T, D, generator=g),
+             pos=torch.arange(L, L + T, dtype=torch.int32).expand(B, H, T))  # this piece: into spare rows
+    part = store_part(r)
+    assert isinstance(part, RaggedPart) and not r.uniform
+    q, q_pos = torch.randn(B, G * H, T, D, generator=g), torch.arange(L, L + T)
+    out, probs = ragged_attention(q, part, q_pos)
+    ref_out, ref_probs = reference_attention(q, r.padded("k"), r.padded("v"), q_pos, r.padded("pos", fill=-1),
+                                             r.valid_mask())
+    diff = max((out - ref_out).abs().max().item(), (probs - ref_probs).abs().max().item())
+    print(f"T={T} G={G}: ragged vs padded attention, max diff {diff:.2g}")
+    assert diff <= 1e-6 and (probs[~r.valid_mask()[:, :, None, :].expand_as(probs)] == 0).all()
+    assert torch.equal(ragged_attention(q, part, q_pos, with_probs=False)[0], out)
+
+
+def test_prefill_only_methods_get_no_probabilities_after_their_first_call():
+    """compresses_at == "prefill" (SnapKV's family) means the layer's first call only: the cache
+    builds probabilities for that call and none after (decode steps then cost what the full cache's
+    do); the outputs are those of a run that builds them every time."""
+    model, seen = peaked_model(), []
+
+    class Spy(METHODS["adakv"]):
+        def observe(self, layer, probs, q):
+            seen.append(None if probs is None else tuple(probs.shape))
+            return super().observe(layer, probs, q)
+
+    class Always(Spy):
+        compresses_at = "prefill+decode"  # (so the cache builds probabilities at every call)
+
+    idx = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for cls in (Spy, Always):
+        seen.clear()
+        cache = KVCache(model.config, cls(budget=10, window=2))
+        with torch.no_grad():
+            logits.append(torch.cat([model(idx[:, :20], cache=cache)[0]] +
+                                    [model(idx[:, t:t + 1], cache=cache)[0] for t in range(20, 24)], 1))
+        n = model.config.n_layer
+        assert all(s is not None for s in seen[:n]) and len(seen) == 5 * n
+        assert all(s is None for s in seen[n:]) == (cls is Spy)
+    assert torch.equal(logits[0], logits[1])
 
 
 def test_reference_attention_output_does_not_depend_on_probs_and_matches_explicit_softmax():
