@@ -92,10 +92,15 @@ def ragged_attention(q, part, q_pos, with_probs: bool = True):
     G = Hq // H  # grouped-query: query heads h * G ... h * G + G - 1 read key-value head h
     probs = q.new_zeros(B, H, T, part.store.max_len, dtype=torch.float32) if with_probs else None
     outs = []
+    if T == 1 and not with_probs:  # a decode step: each head's one query (G of them) sees every entry, no mask
+        for i, (k, v) in enumerate(part.heads(positions=False)):  # (L_h, D) each
+            qh = q[i // H, i % H * G:i % H * G + G, 0]  # (G, D)
+            outs.append(F.scaled_dot_product_attention(qh[None, None], k[None, None], v[None, None])[0, 0])
+        return torch.stack(outs).view(B, Hq, T, D), None
     for i, (k, v, pos) in enumerate(part.heads()):  # (L_h, D), (L_h, D), (L_h,)
         b, h = divmod(i, H)
-        out, p = reference_attention(q[b:b + 1, h * G:h * G + G], k[None, None], v[None, None], q_pos,
-                                     pos[None, None], None, with_probs)
+        qh = q[b:b + 1, h * G:h * G + G]  # (1, G, T, D)
+        out, p = reference_attention(qh, k[None, None], v[None, None], q_pos, pos[None, None], None, with_probs)
         outs.append(out)  # (1, G, T, D)
         if with_probs:
             probs[b, h, :, :k.size(0)] = p[0, 0]

@@ -84,9 +84,10 @@ class RaggedPart:
                 self.store.padded(self.names[i], fill=-1 if i == 2 else 0.0)
         return self._padded[i]
 
-    def heads(self):
-        """(k (L_h, D), v (L_h, D), pos (L_h,)) of every (batch row, head), row-major."""
-        return zip(*(self.store.head_rows(name) for name in self.names))
+    def heads(self, positions: bool = True):
+        """(k (L_h, D), v (L_h, D), pos (L_h,)) of every (batch row, head), row-major (without pos
+        when positions is False)."""
+        return zip(*(self.store.head_rows(name) for name in self.names[:3 if positions else 2]))
 
 
 class PackedPart:

@@ -261,8 +261,8 @@ class Ragged:
         n_old = self.lengths.flatten()  # (B*H,)
         new_len = self.lengths + T
         caps = n_old if self._caps is None else self._caps
-        rows = self._held_rows()  # where the old entries are (None: rows 0..N-1)
         if not bool((caps - n_old >= T).all()):
+            rows = self._held_rows()  # where the old entries are (None: rows 0..N-1)
             caps = n_old + T + self.grow_by - 1  # (B*H,) the same room in every head: all fill together
             start = torch.cumsum(caps, 0) - caps  # (B*H,) first row of each head
             head_of_row = torch.repeat_interleave(torch.arange(B * H, device=start.device), n_old)
@@ -270,7 +270,7 @@ class Ragged:
             for name, t in self.fields.items():
                 out = torch.empty((int(caps.sum()), *self.trailing[name]), dtype=t.dtype, device=t.device)
                 self.fields[name] = out.index_copy_(0, start[head_of_row] + rank, t if rows is None else t[rows])
-            self._caps = caps
+            self._caps = caps if self.grow_by > 1 else None  # (grow_by 1: every run is full after this append)
         start = torch.cumsum(caps, 0) - caps
         new_dst = ((start + n_old)[:, None] + torch.arange(T, device=start.device)).flatten()  # (B*H*T,)
         for name, t in self.fields.items():
@@ -279,8 +279,6 @@ class Ragged:
             else:
                 t.index_fill_(0, new_dst, self.fills[name])
         self._set_lengths(new_len)
-        if self._caps is not None and bool((self._caps == new_len.flatten()).all()):
-            self._caps = None  # every run is full: rows are entries (grow_by 1)
 
     def evict_in_place(self, slots: torch.Tensor):
         """Uniform layout: drop the entry at slot `slots[b, h]` (B, H) of every head by writing

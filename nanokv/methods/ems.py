@@ -35,11 +35,10 @@ Per layer and head, when a head holds more than `budget` tokens (and, while deco
   v_c      <- sum over members j (c included) of s[j] v_j / sum of s[j]
   k_c      <- the same weighted mean (key_merge="mean" [default]), or ("direction") the weighted
              mean norm times the normalized weighted sum of unit keys        [reconstruction]
-How: ScoredEviction's compress (keep_mask -> merge -> evict; a decode step drops one token per
-head in place); irrelevant and dissimilar tokens fold into slot L (the zero center, dropped); a
-center keeps its position and scores. State: s_glo (4 bytes) + the local ring (4 * window) per token.
-Grouped-query models (nanokv.hf): attention is the mean of a key-value head's query heads' rows.
-"""
+How: ScoredEviction's compress (keep_mask -> merge -> evict; a decode step evicts one per head in
+place, and rewrites nothing if no token joins a center); irrelevant and dissimilar tokens go to slot
+L (the zero center, dropped); centers keep position and scores. State: s_glo and the local ring,
+4 + 4 * window bytes per token. Grouped-query (nanokv.hf): the mean of a group's query heads' rows."""
 
 import torch
 import torch.nn.functional as F
@@ -151,9 +150,10 @@ class EMS(ScoredEviction):
 
     def merge(self, layer, keep, s):
         _, assign = self.classes(layer, s, keep)
-        k, v = merge(layer.padded("k"), layer.padded("v"), s, assign, keep, self.key_merge)
-        layer.set_padded("k", k)
-        layer.set_padded("v", v)
+        if bool(((assign < s.size(-1)) & ~keep).any()):  # some token joins a center (else nothing changes)
+            k, v = merge(layer.padded("k"), layer.padded("v"), s, assign, keep, self.key_merge)
+            layer.set_padded("k", k)
+            layer.set_padded("v", v)
 
 
 def merge(k, v, s, assign, keep, key_merge="mean"):
