@@ -237,12 +237,13 @@ class Ragged:
         if unknown:
             raise ValueError(f"unknown fields {sorted(unknown)}; fields: {sorted(self.fields)}")
         low = [n for n in new if n in self.quantized]
-        if len(low) == 2 and self.quantized[low[0]] == self.quantized[low[1]]:  # keys and values alike:
-            both = self._quantize(low[0], torch.stack([new.pop(n) for n in low]))  # one call (per-group: the same codes)
-            new.update({f"{n}.{x}": both[f"{low[0]}.{x}"][i] for i, n in enumerate(low) for x in ("codes", "scale", "zero")})
-            low = []
-        for name in low:
-            new.update(self._quantize(name, new.pop(name)))
+        if len(low) == 2 and self.quantized[low[0]] == self.quantized[low[1]]:  # keys and values alike: one
+            codes, scale, zero = self.pack(torch.stack([new.pop(n) for n in low]), *self.quantized[low[0]][:2])
+            for i, name in enumerate(low):  # call (groups are per row, so the same codes as two calls)
+                new.update({f"{name}.codes": codes[i], f"{name}.scale": scale[i], f"{name}.zero": zero[i]})
+        else:
+            for name in low:
+                new.update(self._quantize(name, new.pop(name)))
         B, H, T = next(iter(new.values())).shape[:3]
         if self.uniform:
             L, C = self._uniform_len, self.capacity

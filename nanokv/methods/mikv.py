@@ -29,7 +29,6 @@ until `calibrate` tokens are seen the running maxima are tracked (2 * B * H * D 
 is balanced and nothing is demoted (the cache briefly holds them all in high precision); then
 b is computed, the held keys are rescaled, and demotion starts.
 Grouped-query models (nanokv.hf): F sums the mean of a key-value head's query heads' rows.
-Speed: a decode step's one demoted slot per head takes the newest token (no compaction).
 """
 
 import math
@@ -136,9 +135,10 @@ class MiKV(Method):
         target = math.ceil(self.rho * n_seen)
         if hi.max_len <= target:
             return
-        window, pos = int(self.recent * target), hi.padded("pos", fill=-1)  # (B, H, L)
+        window = int(self.recent * target)
         one = layer.n_new == 1 and hi.uniform and hi.max_len == target + 1
         if one:  # the token top_k_mask would demote, by position: in-place slots are not in order
+            pos = hi.padded("pos")  # (B, H, L)
             slots = lowest_slot(hi.padded("acc"), pos, protected=pos > n_seen - 1 - window)[..., None]  # (B, H, 1)
         else:
             hi.sort_by_position()  # top_k_mask reads slot order as position order
