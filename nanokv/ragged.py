@@ -64,6 +64,7 @@ class Ragged:
         self.bits: int | None = None  # the bits keys and values are stored at here (None: the model dtype)
         self.ordered = True  # entries in position order in every head (False after evict_in_place)
         self._caps: torch.Tensor | None = None  # ragged layout: (B*H,) rows each head owns; None: its entries only
+        self._spare = 0  # ragged layout: spare rows after each head's entries (every head has as many)
 
     # ------------------------------------------------------------------ declaring fields
     def add_field(self, name: str, kind: str, trailing: tuple, dtype: torch.dtype, fill: float = 0.0):
@@ -260,9 +261,8 @@ class Ragged:
         # ragged: each head's new entries go to its spare rows; when a head has too few, every
         # head first moves into a run with grow_by - 1 spare rows after them (one copy)
         n_old = self.lengths.flatten()  # (B*H,)
-        new_len = self.lengths + T
-        caps = n_old if self._caps is None else self._caps
-        if not bool((caps - n_old >= T).all()):
+        caps = self._caps
+        if caps is None or self._spare < T:
             rows = self._held_rows()  # where the old entries are (None: rows 0..N-1)
             caps = n_old + T + self.grow_by - 1  # (B*H,) the same room in every head: all fill together
             start = torch.cumsum(caps, 0) - caps  # (B*H,) first row of each head
@@ -272,6 +272,7 @@ class Ragged:
                 out = torch.empty((int(caps.sum()), *self.trailing[name]), dtype=t.dtype, device=t.device)
                 self.fields[name] = out.index_copy_(0, start[head_of_row] + rank, t if rows is None else t[rows])
             self._caps = caps if self.grow_by > 1 else None  # (grow_by 1: every run is full after this append)
+            self._spare = T + self.grow_by - 1
         start = torch.cumsum(caps, 0) - caps
         new_dst = ((start + n_old)[:, None] + torch.arange(T, device=start.device)).flatten()  # (B*H*T,)
         for name, t in self.fields.items():
@@ -279,7 +280,8 @@ class Ragged:
                 t.index_copy_(0, new_dst, new[name].to(t.dtype).flatten(0, 2))
             else:
                 t.index_fill_(0, new_dst, self.fills[name])
-        self._set_lengths(new_len)
+        # every head gains T entries: the lengths stay unequal and the longest grows by T
+        self.lengths, self._max_len, self._spare = self.lengths + T, self._max_len + T, self._spare - T
 
     def evict_in_place(self, slots: torch.Tensor):
         """Uniform layout: drop the entry at slot `slots[b, h]` (B, H) of every head by writing
