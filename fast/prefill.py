@@ -138,37 +138,3 @@ def prefill_attention(q, k, v, q_pos, k_pos, valid=None, window: int = 0,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         HAS_VALID=valid is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
     return out, colsum.reshape(B, H, L), colwin.reshape(B, H, L), rows.reshape(B, H, window, L)
-
-
-class ProbStats:
-    """What kernel 3 keeps of the (B, H, T, L) probability matrix: its column sums and its last w
-    rows. It stands in for the matrix in a method's observe(), for the reads methods make:
-        probs.shape, probs.sum(dim=2)                  column sums (H2O, CaM, D2O, EMS, MiKV)
-        probs[..., a:b]                                some keys only (MiKV's tiers)
-        probs[:, :, i(, keys)], probs[:, :, s:(, keys)]  rows among the last w (TOVA, SnapKV, EMS)
-    Any other read raises NotImplementedError."""
-
-    def __init__(self, colsum, rows, T: int):
-        self.colsum, self.rows, self.T = colsum, rows, T  # (B, H, L), (B, H, w, L)
-        B, H, L = colsum.shape
-        self.shape, self.device = torch.Size((B, H, T, L)), colsum.device
-
-    def sum(self, dim):
-        if dim not in (2, -2):
-            raise NotImplementedError("ProbStats sums over the queries (dim=2) only")
-        return self.colsum
-
-    def __getitem__(self, idx):
-        idx = idx if isinstance(idx, tuple) else (idx,)
-        if len(idx) == 2 and idx[0] is Ellipsis and isinstance(idx[1], slice):  # some keys, all queries
-            return ProbStats(self.colsum[..., idx[1]], self.rows[..., idx[1]], self.T)
-        w, full = self.rows.size(2), slice(None)
-        if len(idx) in (3, 4) and idx[0] == full and idx[1] == full:
-            q, keys = idx[2], (idx[3] if len(idx) == 4 else full)
-            if isinstance(q, int) and -w <= q < 0:  # one of the last w queries
-                return self.rows[:, :, w + q][..., keys]
-            if isinstance(q, slice) and q.stop is None and q.step is None and q.start is not None \
-                    and self.T - w <= q.start <= self.T:  # the last T - start queries
-                return self.rows[:, :, w - (self.T - q.start):][..., keys]
-        raise NotImplementedError(f"ProbStats keeps column sums and the last {w} rows; {idx!r} needs the "
-                                  "full probability matrix (use the torch backend)")

@@ -107,9 +107,54 @@ def ragged_attention(q, part, q_pos, with_probs: bool = True):
     return torch.cat(outs, dim=1).view(B, Hq, T, D), probs
 
 
+class ProbStats:
+    """What a method that declares `probs_rows = w` is given in place of the (B, H, T, L)
+    probability matrix: its column sums and its last min(w, T) rows. The cache hands it on every
+    backend (built from the matrix on torch, by kernel 3 on Triton without ever building the
+    matrix), so a read the declaration does not cover fails on CPU as it would on a GPU.
+    The reads it answers:
+        probs.shape, probs.sum(dim=2)                   column sums (H2O, CaM, D2O, EMS, MiKV)
+        probs[..., a:b]                                 some keys only (MiKV's tiers)
+        probs[:, :, i(, keys)], probs[:, :, s:(, keys)] rows among the last w (TOVA, SnapKV, EMS)
+    Any other read raises NotImplementedError."""
+
+    def __init__(self, colsum, rows, T: int):
+        self.colsum, self.rows, self.T = colsum, rows, T  # (B, H, L), (B, H, w, L)
+        B, H, L = colsum.shape
+        self.shape, self.device = torch.Size((B, H, T, L)), colsum.device
+
+    @classmethod
+    def of(cls, probs: torch.Tensor, rows: int) -> "ProbStats":
+        """The column sums and last `rows` rows of a (B, H, T, L) matrix."""
+        T = probs.size(2)
+        return cls(probs.sum(dim=2), probs[:, :, T - min(rows, T):], T)
+
+    def sum(self, dim):
+        if dim not in (2, -2):
+            raise NotImplementedError("ProbStats sums over the queries (dim=2) only")
+        return self.colsum
+
+    def __getitem__(self, idx):
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if len(idx) == 2 and idx[0] is Ellipsis and isinstance(idx[1], slice):  # some keys, all queries
+            return ProbStats(self.colsum[..., idx[1]], self.rows[..., idx[1]], self.T)
+        T, w, full = self.T, self.rows.size(2), slice(None)
+        if len(idx) in (3, 4) and idx[0] == full and idx[1] == full:
+            q, keys = idx[2], (idx[3] if len(idx) == 4 else full)
+            if isinstance(q, int) and -T <= q < T and q % T >= T - w:  # one of the last w queries
+                return self.rows[:, :, q % T - (T - w)][..., keys]
+            if isinstance(q, slice) and q.stop is None and q.step is None and isinstance(q.start, int):
+                start = max(q.start + T, 0) if q.start < 0 else q.start
+                if T - w <= start <= T:  # the last T - start queries
+                    return self.rows[:, :, start - (T - w):][..., keys]
+        raise NotImplementedError(f"ProbStats keeps column sums and the last {w} of {T} rows; {idx!r} reads "
+                                  "more of the probability matrix: declare probs_rows = None (the whole "
+                                  "matrix) or a larger w on the method")
+
+
 def group_mean(probs, G: int):
     """Probabilities of (B, G * H, ...) query heads as (B, H, ...): the mean over each group (the
-    grouped-query rule, as reference_attention), for a tensor or the Triton kernel's ProbStats."""
+    grouped-query rule, as reference_attention), for a tensor or a ProbStats."""
     if G == 1 or probs is None:
         return probs
     if isinstance(probs, torch.Tensor):
@@ -268,6 +313,8 @@ class KVCache:
             # a method that compresses only its prompt (SnapKV's family) reads no probabilities after it
             with_probs = m.needs_probs and (layer.n_seen == 0 or m.compresses_at != "prefill")
             out, probs = self.attention_over(q[:, :, piece], m.gather(layer, fresh), pos, with_probs=with_probs)
+            if isinstance(probs, torch.Tensor) and m.probs_rows is not None:  # what it declared it reads
+                probs = ProbStats.of(probs, m.probs_rows)  # (the same on every backend)
             m.compress(layer, m.observe(layer, probs, q[:, :, piece]))
             layer.n_seen += n
             layer.n_new = 0
@@ -313,7 +360,7 @@ class KVCache:
 
                 out, probs = decode_attention(q, k, v, valid)
                 return out, group_mean(probs, G)
-            from fast.prefill import ProbStats, prefill_attention  # fast/prefill.py
+            from fast.prefill import prefill_attention  # fast/prefill.py
 
             out, colsum, _, last = prefill_attention(q, k, v, q_pos, k_pos, valid, min(rows or 0, q.size(2)))
             # the method reads column sums and the last rows only: no (B, H, T, L) matrix is built

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from nanokv import METHODS, KVCache, ScoredEviction, register
+from nanokv.cache import ProbStats
 from nanokv.ragged import Ragged
 
 from conftest import make_method, peaked_model, walk_tensor_bytes
@@ -374,3 +375,52 @@ def test_generate_reserves_room_for_the_new_tokens_once(monkeypatch, name):
         assert cache.memory_breakdown()["padding"] == n * 2 * 4 * per_slot  # one spare slot per (row, head)
     with pytest.raises(ValueError, match="new_tokens must be an int >= 0"):
         cache.reserve(-1)
+
+
+def test_prob_stats_answers_the_reads_methods_make_and_refuses_others():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(1, 2, 6, 9, generator=g), -1)  # (B, H, T, L)
+    stats = ProbStats.of(probs, 3)
+    assert stats.shape == probs.shape
+    assert torch.equal(stats.sum(dim=2), probs.sum(2))
+    assert torch.equal(stats[..., 2:5].sum(dim=2), probs[..., 2:5].sum(2))
+    for row in (-1, -3, 3, 5):  # the last three rows, however they are named
+        assert torch.equal(stats[:, :, row], probs[:, :, row])
+    for start in (4, -2, 3, -3, 6):
+        assert torch.equal(stats[:, :, start:, :7], probs[:, :, start:, :7])
+    for bad in (0, 2, -4, 6, -7, slice(2, None), slice(-4, None), slice(4, 5)):
+        with pytest.raises(NotImplementedError, match="the last 3 of 6 rows"):
+            stats[:, :, bad]
+    with pytest.raises(NotImplementedError, match="dim=2"):
+        stats.sum(dim=3)
+    assert ProbStats.of(probs[:, :, -1:], 3).rows.shape == (1, 2, 1, 9)  # one query: one row, not three
+
+
+def test_a_method_reading_more_than_it_declared_fails_on_the_torch_backend_too():
+    """The cache hands a ProbStats on every backend, so the read that kernel 3 (Triton) could not
+    answer fails here, on CPU, and a method that declares what it reads gets the same numbers."""
+    seen = []
+
+    class Declares(ScoredEviction):
+        name, probs_rows = "declares-test", 2
+
+        def observe(self, layer, probs, q):
+            seen.append(probs[:, :, -1])  # the newest query's row: declared
+            if probs.shape[2] > 2:
+                probs[:, :, 0]  # the first query's row: not declared
+
+        def score(self, layer):
+            return torch.zeros(layer.batch, layer.heads, layer.max_len)
+
+    m = peaked_model()
+    idx = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(NotImplementedError, match="declare probs_rows = None"):
+        run(m, KVCache(m.config, Declares(budget=32)), idx, 6)
+    seen.clear()
+    run(m, KVCache(m.config, Declares(budget=32)), idx, 2)  # a 2-token prefill reads only what it declared
+    got = list(seen)
+    seen.clear()
+    Declares.probs_rows = None  # the whole matrix: the same rows, bit for bit
+    run(m, KVCache(m.config, Declares(budget=32)), idx, 2)
+    assert len(got) == len(seen) == 2 * 11  # two layers, one prefill and ten decode steps
+    assert all(torch.equal(a, b) for a, b in zip(got, seen))

@@ -286,20 +286,3 @@ def test_triton_backend_routes_prefill_and_decode_to_the_kernels(monkeypatch, na
     out = run(model, make_method(name, 16), "triton", prompt, 8, after_prefill if name == "quantized" else None)
     assert out[0] == ref[0] and out[2] == ref[2] and (out[1] - ref[1]).abs().max() <= 1e-4
     assert bool(calls) == (name in ("ems", "d2o")), f"kernel 5 called {len(calls)} times"
-
-
-def test_prob_stats_answers_the_reads_methods_make_and_refuses_others():
-    from fast.prefill import ProbStats
-
-    g = torch.Generator().manual_seed(0)
-    probs = torch.softmax(torch.randn(1, 2, 6, 9, generator=g), -1)  # (B, H, T, L)
-    stats = ProbStats(probs.sum(2), probs[:, :, -3:], T=6)
-    assert stats.shape == probs.shape
-    assert torch.equal(stats.sum(dim=2), probs.sum(2))
-    assert torch.equal(stats[..., 2:5].sum(dim=2), probs[..., 2:5].sum(2))
-    assert torch.equal(stats[:, :, -1, :], probs[:, :, -1, :])
-    assert torch.equal(stats[:, :, 4:, :7], probs[:, :, 4:, :7])
-    with pytest.raises(NotImplementedError, match="the last 3 rows"):
-        stats[:, :, 0]
-    with pytest.raises(NotImplementedError, match="the last 3 rows"):
-        stats[:, :, 2:]
