@@ -109,9 +109,10 @@ def ragged_attention(q, part, q_pos, with_probs: bool = True):
 
 class ProbStats:
     """What a method that declares `probs_rows = w` is given in place of the (B, H, T, L)
-    probability matrix: its column sums and its last min(w, T) rows. The cache hands it on every
-    backend (built from the matrix on torch, by kernel 3 on Triton without ever building the
-    matrix), so a read the declaration does not cover fails on CPU as it would on a GPU.
+    probability matrix of a call with T > 1 queries (a prefill or a chunk; a decode step's matrix
+    is one row, given as it is): its column sums and its last min(w, T) rows. The cache hands it
+    on every backend (built from the matrix on torch, by kernel 3 on Triton without ever building
+    the matrix), so a read the declaration does not cover fails on CPU as it would on a GPU.
     The reads it answers:
         probs.shape, probs.sum(dim=2)                   column sums (H2O, CaM, D2O, EMS, MiKV)
         probs[..., a:b]                                 some keys only (MiKV's tiers)
@@ -313,8 +314,8 @@ class KVCache:
             # a method that compresses only its prompt (SnapKV's family) reads no probabilities after it
             with_probs = m.needs_probs and (layer.n_seen == 0 or m.compresses_at != "prefill")
             out, probs = self.attention_over(q[:, :, piece], m.gather(layer, fresh), pos, with_probs=with_probs)
-            if isinstance(probs, torch.Tensor) and m.probs_rows is not None:  # what it declared it reads
-                probs = ProbStats.of(probs, m.probs_rows)  # (the same on every backend)
+            if isinstance(probs, torch.Tensor) and m.probs_rows is not None and n > 1:  # what it declared
+                probs = ProbStats.of(probs, m.probs_rows)  # it reads, the same on every backend
             m.compress(layer, m.observe(layer, probs, q[:, :, piece]))
             layer.n_seen += n
             layer.n_new = 0
@@ -378,7 +379,7 @@ class KVCache:
         if self.method.compresses_at not in ("never", "prefill"):
             return
         for layer in self.layers or []:
-            layer.reserve(layer.max_len + new_tokens)
+            layer.reserve(new_tokens)
 
     @staticmethod
     def _decode_quant(q, parts):

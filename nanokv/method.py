@@ -196,7 +196,7 @@ class Method:
     needs_probs = True  # False: observe() never reads the probabilities (attention then never builds them)
     # None: observe() may read the whole (B, H, T, L) probability matrix of a prefill. An int w:
     # it reads only column sums and the last w rows, and gets a ProbStats holding just those on
-    # every backend (the Triton prefill then never builds the matrix)
+    # every backend when a call has several queries (the Triton prefill then never builds the matrix)
     probs_rows: int | None = None
 
     def __init__(self, budget: int | None = None):
@@ -237,8 +237,8 @@ class Method:
 
     def observe(self, layer: Ragged, probs: torch.Tensor, q: torch.Tensor):
         """probs (B, H, T, Lmax) fp32: attention of the T new queries over every stored entry (a
-        ProbStats answering for it when the method declares probs_rows; None when needs_probs is
-        False). Update per-token state; return this call's scores for compress (or None)."""
+        ProbStats answering for it in a call of several queries when the method declares
+        probs_rows; None when needs_probs is False). Update per-token state; return this call's scores for compress (or None)."""
         return None
 
     def compress(self, layer: Ragged, scores=None):

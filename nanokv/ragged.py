@@ -20,7 +20,8 @@ Two layouts, chosen automatically after every change:
            `keep` a head owns exactly its entries (no padding at all); appending to a head
            with no room moves every head into a run with `grow_by` - 1 spare rows (one copy;
            the spare rows are real memory, reported as padding, as in the uniform layout),
-           so the next decode steps write one row per head. `padded(name)` builds a
+           so the next decode steps write one row per head; `reserve(n)` gives every head n
+           spare rows at once (generate() calls it for a prefill-only method such as Ada-KV). `padded(name)` builds a
            temporary (B, H, Lmax, *trailing) copy plus a validity mask for one computation
            (never held); `head_rows(name)` gives each head's entries as views, no copy.
 
@@ -224,12 +225,31 @@ class Ragged:
             buf[:, :, :L] = t[:, :, :L]
             self.fields[name] = buf
 
-    def reserve(self, slots: int):
-        """Make room for `slots` entries per head in one copy (uniform layout only; no-op
-        otherwise or when the buffers are already that large). The spare slots count as padding
-        until used; the next eviction (`keep`) shrinks the buffers back to what is kept."""
-        if self.uniform and self.fields and slots > self.capacity:
-            self._grow(slots)
+    def reserve(self, more: int):
+        """Make room for `more` new entries in every head in one copy (no-op when there is room
+        already): more slots per head (uniform layout), or more spare rows after every head's
+        entries (ragged). The spare room counts as padding until used; the next eviction (`keep`)
+        shrinks the buffers back to what is kept."""
+        if not self.fields or more <= 0:
+            return
+        if self.uniform and self._uniform_len + more > self.capacity:
+            self._grow(self._uniform_len + more)
+        elif not self.uniform and (self._caps is None or self._spare < more):
+            self._spread(more)
+
+    def _spread(self, room: int):
+        """Ragged layout: move every head into a run of its entries plus `room` spare rows (one
+        copy; every head gets the same room, so that all fill together)."""
+        B, H, n_old = self.batch, self.heads, self.lengths.flatten()  # (B*H,) entries of each head
+        rows = self._held_rows()  # where the old entries are (None: rows 0..N-1)
+        caps = n_old + room  # (B*H,) rows of each head's run
+        start = torch.cumsum(caps, 0) - caps  # (B*H,) first row of each head
+        head_of_row = torch.repeat_interleave(torch.arange(B * H, device=start.device), n_old)
+        rank = torch.arange(head_of_row.numel(), device=start.device) - (torch.cumsum(n_old, 0) - n_old)[head_of_row]
+        for name, t in self.fields.items():
+            out = torch.empty((int(caps.sum()), *self.trailing[name]), dtype=t.dtype, device=t.device)
+            self.fields[name] = out.index_copy_(0, start[head_of_row] + rank, t if rows is None else t[rows])
+        self._caps, self._spare = caps, room
 
     def append(self, **new: torch.Tensor):
         """Append T entries to every head. Each given tensor is (B, H, T, *trailing);
@@ -260,19 +280,9 @@ class Ragged:
             return
         # ragged: each head's new entries go to its spare rows; when a head has too few, every
         # head first moves into a run with grow_by - 1 spare rows after them (one copy)
-        n_old = self.lengths.flatten()  # (B*H,)
-        caps = self._caps
-        if caps is None or self._spare < T:
-            rows = self._held_rows()  # where the old entries are (None: rows 0..N-1)
-            caps = n_old + T + self.grow_by - 1  # (B*H,) the same room in every head: all fill together
-            start = torch.cumsum(caps, 0) - caps  # (B*H,) first row of each head
-            head_of_row = torch.repeat_interleave(torch.arange(B * H, device=start.device), n_old)
-            rank = torch.arange(head_of_row.numel(), device=start.device) - (torch.cumsum(n_old, 0) - n_old)[head_of_row]
-            for name, t in self.fields.items():
-                out = torch.empty((int(caps.sum()), *self.trailing[name]), dtype=t.dtype, device=t.device)
-                self.fields[name] = out.index_copy_(0, start[head_of_row] + rank, t if rows is None else t[rows])
-            self._caps = caps if self.grow_by > 1 else None  # (grow_by 1: every run is full after this append)
-            self._spare = T + self.grow_by - 1
+        if self._caps is None or self._spare < T:
+            self._spread(T + self.grow_by - 1)
+        n_old, caps = self.lengths.flatten(), self._caps  # (B*H,) entries and rows of each head
         start = torch.cumsum(caps, 0) - caps
         new_dst = ((start + n_old)[:, None] + torch.arange(T, device=start.device)).flatten()  # (B*H*T,)
         for name, t in self.fields.items():
@@ -282,6 +292,8 @@ class Ragged:
                 t.index_fill_(0, new_dst, self.fills[name])
         # every head gains T entries: the lengths stay unequal and the longest grows by T
         self.lengths, self._max_len, self._spare = self.lengths + T, self._max_len + T, self._spare - T
+        if self._spare == 0 and self.grow_by == 1:  # every run is full: the flat layout (no row counts)
+            self._caps = None
 
     def evict_in_place(self, slots: torch.Tensor):
         """Uniform layout: drop the entry at slot `slots[b, h]` (B, H) of every head by writing

@@ -377,6 +377,34 @@ def test_generate_reserves_room_for_the_new_tokens_once(monkeypatch, name):
         cache.reserve(-1)
 
 
+def test_generate_reserves_spare_rows_for_ragged_heads_once(monkeypatch):
+    """Ada-KV's heads hold different numbers of tokens after its prefill: generate() gives every
+    head the decode's spare rows in one copy per layer (not a move every grow_by tokens), and
+    the tokens and kept sets are the same as without the reservation."""
+    from nanokv.ragged import Ragged
+
+    m = peaked_model()
+    idx = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = Ragged._spread
+    monkeypatch.setattr(Ragged, "_spread", lambda self, room: calls.append(room) or real(self, room))
+    cache = KVCache(m.config, make_method("adakv", budget=8), grow_by=4)
+    out = m.generate(idx, 9, cache=cache, temperature=0)
+    assert not cache.layers[0].uniform  # (the heads are ragged: the case under test)
+    assert calls == [8] * m.config.n_layer  # the reservation; the 8 decode steps then fill it exactly
+    assert cache.memory_breakdown()["padding"] == 0 and cache.memory_bytes() == walk_tensor_bytes(cache)
+    calls.clear()
+    plain = KVCache(m.config, make_method("adakv", budget=8), grow_by=4)  # the same decode, no reservation
+    tokens = [idx]
+    with torch.no_grad():
+        for _ in range(9):
+            tokens.append(m(tokens[-1], cache=plain)[0][:, -1:].argmax(-1))
+    assert calls == [4, 4] * m.config.n_layer  # grow_by - 1 spare rows at the first and fifth step
+    assert torch.equal(out, torch.cat(tokens, 1))
+    for layer, b, h in [(0, 0, 0), (1, 1, 3), (1, 0, 2)]:
+        assert cache.kept_positions(layer, b, h).tolist() == plain.kept_positions(layer, b, h).tolist()
+
+
 def test_prob_stats_answers_the_reads_methods_make_and_refuses_others():
     g = torch.Generator().manual_seed(0)
     probs = torch.softmax(torch.randn(1, 2, 6, 9, generator=g), -1)  # (B, H, T, L)
