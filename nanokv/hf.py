@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 import weakref
 
 import torch
@@ -44,8 +45,10 @@ ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "mistral")  # config.model_t
 ATTENTION = "nanokv"  # the attention implementation attach() registers
 FIXED_ROPE = ("default", "linear", "llama3", "yarn")  # rope types whose frequencies do not depend on the length
 
-_handoff: list = [None]  # (key tensor, HFCache) from the last update(): the attention function claims it
-_calling: list = [None]  # the attention module of an attached model now running (a forward pre-hook sets it)
+# Per thread (two models may generate at once in two threads): `handoff`, the (key tensor,
+# HFCache) of the last update(), which the attention function claims; `calling`, the attention
+# module of an attached model now running (a forward pre-hook sets it)
+_local = threading.local()
 _previous = weakref.WeakKeyDictionary()  # model -> its attention implementation before attach()
 _hooked = weakref.WeakSet()  # models whose attention modules carry the pre-hook
 
@@ -98,7 +101,7 @@ def attach(model, method="full", backend: str = "torch", **method_kwargs) -> "HF
     cache = HFCache(model, method, backend, **method_kwargs)  # checks the model first
     if model not in _hooked:  # so that update() knows which model's layer hands it keys
         for module in cache._modules:  # found by describe() when the cache was built
-            module.register_forward_pre_hook(lambda module, args: _calling.__setitem__(0, module))
+            module.register_forward_pre_hook(lambda module, args: setattr(_local, "calling", module))
         _hooked.add(model)
     AttentionInterface.register(ATTENTION, attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
@@ -119,13 +122,13 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     """The "nanokv" attention function (transformers' sdpa signature): nanokv's cache attends when
     `key` came from an HFCache's update() in this layer; otherwise (the model run without a
     nanokv cache) plain sdpa."""
-    held = _handoff[0]
+    held = getattr(_local, "handoff", None)
     if held is None or held[0] is not key:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    _handoff[0] = None
+    _local.handoff = None
     return held[1].attend(module, query, key, value, attention_mask, scaling, dropout, kwargs.get("position_ids"))
 
 
@@ -143,8 +146,8 @@ class _Slot(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        self.cache.check_caller(_calling[0], self.index)
-        _calling[0], _handoff[0] = None, (key_states, self.cache)
+        self.cache.check_caller(getattr(_local, "calling", None), self.index)
+        _local.calling, _local.handoff = None, (key_states, self.cache)
         self.is_initialized = True
         return key_states, value_states
 

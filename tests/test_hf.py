@@ -241,6 +241,45 @@ def test_cache_used_with_another_model():
         second(ids(), past_key_values=cache)
 
 
+def test_two_models_in_two_threads_keep_their_own_handoff(monkeypatch):
+    """update() hands the new keys to the attention function through per-thread state: a model
+    running in another thread between one layer's update() and its attention (forced here)
+    neither takes nor clears them."""
+    import threading
+
+    first, second = tiny(seed=0), tiny(seed=1)
+    with torch.no_grad():
+        want = first(ids(), past_key_values=nh.attach(first, "full")).logits
+    updated, other_done, paused = threading.Event(), threading.Event(), []
+    real = nh._Slot.update
+
+    def update(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if threading.current_thread().name == "first" and not paused:
+            paused.append(True)
+            updated.set()
+            other_done.wait(timeout=60)  # the second model runs a whole forward pass meanwhile
+        return out
+
+    monkeypatch.setattr(nh._Slot, "update", update)
+    cache, got = nh.attach(first, "full"), []
+
+    def run_first():
+        with torch.no_grad():
+            got.append(first(ids(), past_key_values=cache).logits)
+
+    thread = threading.Thread(target=run_first, name="first")
+    thread.start()
+    assert updated.wait(timeout=60)
+    with torch.no_grad():
+        second(ids(seed=2), past_key_values=nh.attach(second, "full"))
+    other_done.set()
+    thread.join(timeout=60)
+    assert torch.equal(got[0], want)
+    for layer in range(2):  # every layer attended through nanokv's cache, layer 0 included
+        assert cache.kept_positions(layer, 0, 1).tolist() == list(range(40))
+
+
 def test_options_the_architecture_cannot_honour():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=50))
     with pytest.raises(ValueError, match="reposition=True .* needs a rotary model"):
