@@ -34,7 +34,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from fast.decode import decode_attention  # noqa: E402
+from fast.decode import decode_attention, decode_attention_varlen  # noqa: E402
 from fast.decode_quant import decode_attention_quant  # noqa: E402
 from fast.merge import nearest_center as nearest_center_kernel  # noqa: E402
 from fast.quant import quantize_pack  # noqa: E402
@@ -64,6 +64,25 @@ def check_kernels(dev) -> list[dict]:
                 rows.append({"kernel": "decode", "shape": [B, H, L, D], "dtype": str(dtype), "masked": val is not None,
                              "max_out_diff": (out.float() - ro).abs().max().item(),
                              "max_probs_diff": (probs - rp).abs().max().item()})
+    for B, H, G, D in [(1, 8, 1, 128), (2, 4, 4, 128)]:  # ragged heads held flat (Ada-KV), grouped-query
+        for dtype in (torch.float16, torch.bfloat16):
+            n = torch.randint(1, 3000, (B * H,), device=dev, generator=g)
+            caps = n + 15
+            starts = torch.cumsum(caps, 0) - caps
+            k, v = (torch.randn(int(caps.sum()), D, device=dev, generator=g).to(dtype) for _ in range(2))
+            q = torch.randn(B, H * G, 1, D, device=dev, generator=g).to(dtype)
+            out, probs = decode_attention_varlen(q, k, v, starts, n)
+            Lmax = int(n.max())
+            kp, vp = (torch.zeros(B * H, Lmax, D, device=dev) for _ in range(2))
+            for i in range(B * H):
+                kp[i, :n[i]], vp[i, :n[i]] = k[starts[i]:starts[i] + n[i]].float(), v[starts[i]:starts[i] + n[i]].float()
+            valid = (torch.arange(Lmax, device=dev) < n[:, None]).view(B, H, Lmax).repeat_interleave(G, 1)
+            kp, vp = (t.view(B, H, Lmax, D).repeat_interleave(G, 1) for t in (kp, vp))
+            ro, rp = reference_attention(q.float(), kp, vp, torch.tensor([Lmax], device=dev),
+                                         torch.arange(Lmax, device=dev).expand(B, H * G, Lmax), valid)
+            rows.append({"kernel": "decode_varlen", "shape": [B, H, G, Lmax, D], "dtype": str(dtype),
+                         "max_out_diff": (out.float() - ro).abs().max().item(),
+                         "max_probs_diff": (probs - rp).abs().max().item()})
     for bits in (2, 3, 4, 8):
         x = torch.randn(64, 8, 128, device=dev, generator=g).half()
         got, ref = quantize_pack(x, bits, 32), quantize_packed(x, bits, 32)
@@ -261,6 +280,26 @@ def bench(dev, quick: bool) -> list[dict]:
                      "speedup": t_ref / t5, "reference_GB_of_matrices": 3 * H * L * L * 4 / 1e9})
         k = v = None
         torch.cuda.empty_cache()
+    for B, L in ((1, 2048),) if quick else ((1, 32768), (8, 8192)):  # Ada-KV's ragged heads: in place vs padded
+        g = torch.Generator(device=dev).manual_seed(0)
+        n = torch.randint(L // 4, 2 * L, (B * H,), device=dev, generator=g)  # per-head budgets averaging about L
+        k, v = (torch.randn(int(n.sum()), D, device=dev, dtype=torch.float16) for _ in "kv")
+        starts, q = torch.cumsum(n, 0) - n, torch.randn(B, H, 1, D, device=dev, dtype=torch.float16)
+        Lmax = int(n.max())
+
+        def padded():  # what the Triton backend did before: a padded (B, H, Lmax, D) copy and a mask
+            kp, vp = (torch.zeros(B * H, Lmax, D, device=dev, dtype=torch.float16) for _ in "kv")
+            mask = torch.arange(Lmax, device=dev) < n[:, None]
+            kp[mask], vp[mask] = k, v
+            return decode_attention(q, kp.view(B, H, Lmax, D), vp.view(B, H, Lmax, D), mask.view(B, H, Lmax))
+
+        t_var = do_bench(lambda: decode_attention_varlen(q, k, v, starts, n, max_len=Lmax), return_mode="median")
+        t_pad = do_bench(padded, return_mode="median")
+        rows.append({"ragged_B": B, "ragged_H": H, "ragged_mean_L": int(n.float().mean()), "ragged_Lmax": Lmax,
+                     "varlen_ms": t_var, "padded_ms": t_pad, "varlen_speedup": t_pad / t_var,
+                     "varlen_GBs": 2 * k.numel() * 2 / t_var / 1e6})
+        k = v = None
+        torch.cuda.empty_cache()
     x = torch.randn(8 * 32 * 16384, D, device=dev, dtype=torch.float16)
     t = do_bench(lambda: quantize_pack(x, 4, 32), return_mode="median")
     rows.append({"kernel4_rows": x.size(0), "kernel4_ms": t, "kernel4_GBs": x.numel() * 2 / t / 1e6})
@@ -291,6 +330,11 @@ def markdown(info, checks, methods, perf) -> str:
             out.append(f"kernel 5 (nearest center, H={r['kernel5_H']}, L={r['kernel5_L']}): {r['kernel5_ms']:.2f} ms "
                        f"against {r['reference_ms']:.2f} ms for the reference ({r['speedup']:.1f}x), which builds "
                        f"{r['reference_GB_of_matrices']:.1f} GB of similarity matrices.")
+        if "varlen_ms" in r:
+            out.append(f"kernel 1 over ragged heads in place (Ada-KV, B={r['ragged_B']}, H={r['ragged_H']}, mean "
+                       f"{r['ragged_mean_L']} and longest {r['ragged_Lmax']} tokens): {r['varlen_ms']:.3f} ms "
+                       f"({r['varlen_GBs']:.0f} GB/s) against {r['padded_ms']:.3f} ms padding first "
+                       f"({r['varlen_speedup']:.1f}x).")
     worst = max((r.get("max_out_diff", 0) for r in checks), default=0)
     out += ["", f"Kernel checks on the GPU: {len(checks)} cases, worst max|out diff| {worst:.2e}; quantize_pack "
             f"differing bytes: {sum(r.get('differing', 0) for r in checks)}.",

@@ -35,12 +35,13 @@ def cases():
     """(kernel, argument types, constexpr values) for representative launches."""
     for elem in ("fp32", "fp16", "bf16"):
         for block_d, block_n, chunk in ((32, 64, 64), (64, 64, 128), (128, 32, 256)):
-            for has_valid in (False, True):
+            for has_valid, varlen in ((False, False), (True, False), (False, True)):
                 types = {"Q": f"*{elem}", "K": f"*{elem}", "V": f"*{elem}", "VALID": "*i8", "SCORES": "*fp32",
-                         "M_PART": "*fp32", "L_PART": "*fp32", "ACC_PART": "*fp32", "H": "i32", "L": "i32",
+                         "M_PART": "*fp32", "L_PART": "*fp32", "ACC_PART": "*fp32", "STARTS": "*i64",
+                         "LENS": "*i64", "G": "i32", "H": "i32", "L": "i32",
                          "D": "i32", "scale": "fp32", "S": "i32", **{n: "i32" for n in (
                              "sq_b", "sq_h", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n")}}
-                yield decode.decode_partial_kernel, types, {"HAS_VALID": has_valid, "CHUNK": chunk,
+                yield decode.decode_partial_kernel, types, {"HAS_VALID": has_valid, "VARLEN": varlen, "CHUNK": chunk,
                                                             "BLOCK_N": block_n, "BLOCK_D": block_d}
             types = {"M_PART": "*fp32", "L_PART": "*fp32", "ACC_PART": "*fp32", "MZ": "*fp32",
                      "OUT": f"*{elem}", "D": "i32", "S": "i32"}

@@ -23,6 +23,11 @@ keys and values: H2O, TOVA, Scissorhands, MiKV and EMS get their scores without 
 eager attention pass. Invalid entries (heads shorter than the padded length, or masked by
 `valid`) score -inf and get probability 0. A chunk with no valid token has m_s = -1e30 (finite,
 so exp(m_s - M) = 0 and no NaN arises).
+
+Heads of different lengths (Ada-KV's ragged layout) are read where they are held, without a
+padded copy: `decode_attention_varlen` takes the flat (rows, D) store, each key-value head's first
+row and length (VARLEN: program (bh, s) offsets its loads by its head's first row and stops at its
+length; scores past it stay -inf), and lets G query heads read one key-value head (no copy).
 """
 
 from __future__ import annotations
@@ -66,21 +71,27 @@ def partial_store(M_PART, L_PART, ACC_PART, bh, s, S, m, lsum, acc, offs_d, BLOC
 
 
 @triton.jit
-def decode_partial_kernel(Q, K, V, VALID, SCORES, M_PART, L_PART, ACC_PART,
+def decode_partial_kernel(Q, K, V, VALID, SCORES, M_PART, L_PART, ACC_PART, STARTS, LENS, G,
                           H, L, D, scale, S,
                           sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                          HAS_VALID: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr):
+                          HAS_VALID: tl.constexpr, VARLEN: tl.constexpr, CHUNK: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     bh = tl.program_id(0)  # which (batch, head)
     s = tl.program_id(1)  # which chunk of the sequence
     b, h = bh // H, bh % H
     offs_d, dmask, q, m, lsum, acc = partial_start(Q, b, h, sq_b, sq_h, D, scale, BLOCK_D)
+    if VARLEN:  # K, V flat (rows, D): query head bh reads key-value head bh // G, rows start .. start + n - 1
+        k_base = tl.load(STARTS + bh // G) * sk_n
+        v_base = tl.load(STARTS + bh // G) * sv_n
+        n = tl.load(LENS + bh // G).to(tl.int32)
+    else:
+        k_base, v_base, n = b * sk_b + h * sk_h, b * sv_b + h * sv_h, L
     lo = s * CHUNK
-    hi = tl.minimum(lo + CHUNK, L)
+    hi = tl.minimum(lo + CHUNK, n)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         nmask = offs_n < hi
-        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :],
+        k = tl.load(K + k_base + offs_n[:, None] * sk_n + offs_d[None, :],
                     mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_D)
         score = tl.sum(k * q[None, :], axis=1)  # (BLOCK_N,)
         ok = nmask
@@ -88,7 +99,7 @@ def decode_partial_kernel(Q, K, V, VALID, SCORES, M_PART, L_PART, ACC_PART,
             ok = ok & (tl.load(VALID + bh * L + offs_n, mask=nmask, other=0) != 0)
         score = tl.where(ok, score, float("-inf"))
         tl.store(SCORES + bh * L + offs_n, score, mask=nmask)
-        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :],
+        v = tl.load(V + v_base + offs_n[:, None] * sv_n + offs_d[None, :],
                     mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         m, lsum, acc = online_softmax_step(score, v, m, lsum, acc)
     partial_store(M_PART, L_PART, ACC_PART, bh, s, S, m, lsum, acc, offs_d, BLOCK_D)
@@ -170,9 +181,45 @@ def decode_attention(q, k, v, valid=None, want_probs: bool = True, chunk: int | 
     out = torch.empty(B, H, 1, D, device=dev, dtype=q.dtype)
     valid_i8 = valid.reshape(B * H, L).to(torch.int8).contiguous() if valid is not None else scores  # dummy
     decode_partial_kernel[(B * H, S)](
-        q, k, v, valid_i8, scores, m_part, l_part, acc_part, H, L, D, 1.0 / math.sqrt(D), S,
+        q, k, v, valid_i8, scores, m_part, l_part, acc_part, scores, scores, 1, H, L, D, 1.0 / math.sqrt(D), S,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        HAS_VALID=valid is not None, CHUNK=chunk, BLOCK_N=block_n, BLOCK_D=block_d)
+        HAS_VALID=valid is not None, VARLEN=False, CHUNK=chunk, BLOCK_N=block_n, BLOCK_D=block_d)
     reduce_partials(m_part, l_part, acc_part, scores, out, L, D, S, block_d, want_probs)
     probs = scores.reshape(B, H, 1, L) if want_probs else None
     return out, probs
+
+
+def decode_attention_varlen(q, k, v, starts, lengths, max_len: int | None = None, want_probs: bool = True,
+                            chunk: int | None = None, block_n: int | None = None):
+    """The same attention over heads of different lengths held flat, without padding them:
+    q (B, Hq, 1, D); k, v (rows, D), key-value head i (of B * H, row-major) owning rows
+    starts[i] .. starts[i] + lengths[i] - 1 (rows after them are ignored: spare rows); Hq a
+    multiple of H (grouped-query: query head h reads key-value head h // (Hq / H), no copy).
+    Every head must hold at least one entry. max_len: the longest head (computed when None).
+    Returns out (B, Hq, 1, D) and probs (B, Hq, 1, Lmax) fp32, 0 past each head's length."""
+    B, Hq, T, D = q.shape
+    if T != 1:
+        raise ValueError(f"decode_attention_varlen takes one query per head, got T={T}")
+    if starts.shape != lengths.shape or starts.dim() != 1 or (B * Hq) % starts.numel():
+        raise ValueError(f"starts and lengths must be (B * H,) with H dividing {Hq} query heads, got "
+                         f"{tuple(starts.shape)} and {tuple(lengths.shape)}")
+    if k.dim() != 2 or k.shape != v.shape or k.size(1) != D:
+        raise ValueError(f"k, v must be (rows, {D}), got {tuple(k.shape)}, {tuple(v.shape)}")
+    G = B * Hq // starts.numel()
+    L = int(lengths.max()) if max_len is None else max_len
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    chunk, block_n, block_d = launch_shape(L, D, chunk, block_n)
+    S = triton.cdiv(L, chunk)
+    dev = q.device
+    scores = torch.full((B * Hq, L), float("-inf"), device=dev, dtype=torch.float32)  # -inf past a head's end
+    m_part = torch.empty(B * Hq, S, device=dev, dtype=torch.float32)
+    l_part = torch.empty(B * Hq, S, device=dev, dtype=torch.float32)
+    acc_part = torch.empty(B * Hq, S, block_d, device=dev, dtype=torch.float32)
+    out = torch.empty(B, Hq, 1, D, device=dev, dtype=q.dtype)
+    decode_partial_kernel[(B * Hq, S)](
+        q, k, v, scores, scores, m_part, l_part, acc_part, starts.to(torch.int64).contiguous(),
+        lengths.to(torch.int64).contiguous(), G, Hq, L, D, 1.0 / math.sqrt(D), S,
+        q.stride(0), q.stride(1), 0, 0, k.stride(0), 0, 0, v.stride(0),
+        HAS_VALID=False, VARLEN=True, CHUNK=chunk, BLOCK_N=block_n, BLOCK_D=block_d)
+    reduce_partials(m_part, l_part, acc_part, scores, out, L, D, S, block_d, want_probs)
+    return out, (scores.reshape(B, Hq, 1, L) if want_probs else None)

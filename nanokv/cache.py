@@ -344,8 +344,14 @@ class KVCache:
             routed = self._decode_quant(q, parts)
             if routed is not None:
                 return routed
-        if len(parts) == 1 and isinstance(parts[0], RaggedPart) and self.backend == "torch":
-            return ragged_attention(q, parts[0], q_pos, with_probs)  # heads of different lengths: one at a time
+        if len(parts) == 1 and isinstance(parts[0], RaggedPart):  # heads of different lengths
+            if self.backend == "torch":
+                return ragged_attention(q, parts[0], q_pos, with_probs)  # one head at a time
+            if q.size(2) == 1:  # Triton decode: kernel 1 reads each head's rows of the flat store, no padding
+                from fast.decode import decode_attention_varlen
+
+                out, probs = decode_attention_varlen(q, *parts[0].flat(), want_probs=with_probs)
+                return out, group_mean(probs, q.size(1) // parts[0].store.heads)
         if len(parts) == 1 and not isinstance(parts[0], PackedPart):
             k, v, k_pos, valid = parts[0]
         else:  # several parts, or packed ones: one key and one value buffer, reused by the next layer

@@ -84,6 +84,13 @@ class RaggedPart:
                 self.store.padded(self.names[i], fill=-1 if i == 2 else 0.0)
         return self._padded[i]
 
+    def flat(self) -> tuple:
+        """(k (rows, D), v (rows, D), starts (B*H,), lengths (B*H,), Lmax): the store as held, each
+        head's entries at rows starts[i] .. starts[i] + lengths[i] - 1 (spare rows after them);
+        the Triton decode kernel reads it so."""
+        st = self.store
+        return st.fields[self.names[0]], st.fields[self.names[1]], st.head_starts(), st.lengths.flatten(), st.max_len
+
     def heads(self, positions: bool = True):
         """(k (L_h, D), v (L_h, D), pos (L_h,)) of every (batch row, head), row-major (without pos
         when positions is False)."""

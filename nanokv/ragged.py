@@ -170,6 +170,11 @@ class Ragged:
         rows = self._held_rows()
         return self.fields[name] if rows is None else self.fields[name].index_select(0, rows)
 
+    def head_starts(self) -> torch.Tensor:
+        """Ragged layout: (B*H,) the first storage row of every head (head (0, 0) first)."""
+        caps = self.lengths.flatten() if self._caps is None else self._caps
+        return torch.cumsum(caps, 0) - caps
+
     def head_rows(self, name: str) -> tuple:
         """Ragged layout: field `name` of every head as its own (L_h, *trailing) tensor, a view of
         the flat storage (B * H of them, head (0, 0) first; nothing is copied)."""

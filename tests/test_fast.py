@@ -44,6 +44,42 @@ def test_decode_attention_matches_reference(B, H, L, D, dtype, masked):
     assert torch.allclose(probs.sum(-1), torch.ones(B, H, 1), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B, H, G, D", [(1, 3, 1, 16), (2, 2, 2, 64), (1, 4, 1, 32)])
+def test_decode_attention_varlen_reads_ragged_heads_where_they_are(B, H, G, D, dtype):
+    """Kernel 1 over heads of different lengths held flat with spare rows (Ada-KV's layout):
+    the same as the reference over the padded heads, probabilities 0 past each head's end,
+    G query heads per key-value head read without a copy."""
+    from fast.decode import decode_attention_varlen
+
+    g = torch.Generator().manual_seed(D * H + G)
+    n = torch.randint(1, 90, (B * H,), generator=g)  # entries of each key-value head
+    caps = n + torch.randint(0, 5, (B * H,), generator=g)  # its run of rows (spare rows after them)
+    starts = torch.cumsum(caps, 0) - caps
+    k, v = (torch.randn(int(caps.sum()), D, generator=g).to(dtype) for _ in range(2))  # spare rows hold junk
+    q = torch.randn(B, H * G, 1, D, generator=g).to(dtype)
+    Lmax = int(n.max())
+    kp, vp = (torch.zeros(B * H, Lmax, D, dtype=dtype) for _ in range(2))
+    for i in range(B * H):
+        kp[i, :n[i]], vp[i, :n[i]] = k[starts[i]:starts[i] + n[i]], v[starts[i]:starts[i] + n[i]]
+    valid = (torch.arange(Lmax) < n[:, None]).view(B, H, Lmax)
+    kp, vp = (t.view(B, H, Lmax, D).repeat_interleave(G, 1).float() for t in (kp, vp))
+    ref_out, ref_probs = reference_attention(q.float(), kp, vp, torch.tensor([Lmax]),
+                                             torch.arange(Lmax).expand(B, H * G, Lmax), valid.repeat_interleave(G, 1))
+    out, probs = decode_attention_varlen(q, k, v, starts, n, chunk=32, block_n=16)
+    d_out, d_p = (out.float() - ref_out).abs().max().item(), (probs - ref_probs).abs().max().item()
+    print(f"varlen decode B={B} H={H} G={G} D={D} {dtype}: max|out diff| {d_out:.2e}, max|probs diff| {d_p:.2e}")
+    assert out.shape == (B, H * G, 1, D) and probs.shape == (B, H * G, 1, Lmax)
+    assert d_out <= TOL[dtype] and d_p <= 1e-6
+    assert (probs[~valid.repeat_interleave(G, 1)[:, :, None, :]] == 0).all()
+    out2, none = decode_attention_varlen(q, k, v, starts, n, max_len=Lmax, want_probs=False)
+    assert none is None and (out2.float() - out.float()).abs().max() <= TOL[dtype]
+    with pytest.raises(ValueError, match="one query per head"):
+        decode_attention_varlen(q.expand(B, H * G, 2, D), k, v, starts, n)
+    with pytest.raises(ValueError, match="starts and lengths"):
+        decode_attention_varlen(q, k, v, starts[:-1], n)
+
+
 def test_decode_attention_split_sizes_agree():
     """The same answer whatever the chunking (one program per head, or many small chunks)."""
     g = torch.Generator().manual_seed(0)
@@ -257,7 +293,8 @@ def test_prefill_attention_and_column_sums_match_reference(T, L0, D, dtype, wind
 def test_triton_backend_routes_prefill_and_decode_to_the_kernels(monkeypatch, name):
     """Neither prefill (kernel 3, with column sums and the last rows the method reads) nor decode
     (kernel 1; kernel 2 for packed low-bit tokens: RTN, KIVI, MiKV, Quantized, whose decode steps
-    then never use kernel 1) touches the reference attention. Scissorhands is the exception: a
+    then never use kernel 1; Ada-KV's ragged heads: kernel 1 on the flat store, never a padded
+    copy) touches the reference attention. Scissorhands is the exception: a
     prompt is recorded query by query (every row), so Quantized's prompt, whose inner method is
     Scissorhands, uses the reference attention too; its decode steps may not.
     The merging methods that match tokens to centers (EMS, D2O) do it with kernel 5."""
@@ -275,10 +312,12 @@ def test_triton_backend_routes_prefill_and_decode_to_the_kernels(monkeypatch, na
     no_kernel_1 = lambda: monkeypatch.setattr(fast.decode, "decode_attention", forbidden)  # noqa: E731
     if name != "quantized":
         no_reference()
-    if name in ("rtn", "kivi", "mikv"):
+    if name in ("rtn", "kivi", "mikv", "adakv"):  # (Ada-KV: kernel 1 on the flat ragged heads, not padded)
         no_kernel_1()
     calls, kernel_5 = [], fast.merge.nearest_center
     monkeypatch.setattr(fast.merge, "nearest_center", lambda *a, **kw: calls.append(1) or kernel_5(*a, **kw))
+    varlen, kernel_1v = [], fast.decode.decode_attention_varlen
+    monkeypatch.setattr(fast.decode, "decode_attention_varlen", lambda *a, **kw: varlen.append(1) or kernel_1v(*a, **kw))
     def after_prefill():  # Quantized(Scissorhands): its decode steps use neither
         no_reference()
         no_kernel_1()
@@ -286,3 +325,4 @@ def test_triton_backend_routes_prefill_and_decode_to_the_kernels(monkeypatch, na
     out = run(model, make_method(name, 16), "triton", prompt, 8, after_prefill if name == "quantized" else None)
     assert out[0] == ref[0] and out[2] == ref[2] and (out[1] - ref[1]).abs().max() <= 1e-4
     assert bool(calls) == (name in ("ems", "d2o")), f"kernel 5 called {len(calls)} times"
+    assert len(varlen) == (2 * 8 if name == "adakv" else 0)  # every decode step of both layers
