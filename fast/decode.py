@@ -200,18 +200,20 @@ def decode_attention_varlen(q, k, v, starts, lengths, max_len: int | None = None
     B, Hq, T, D = q.shape
     if T != 1:
         raise ValueError(f"decode_attention_varlen takes one query per head, got T={T}")
-    if starts.shape != lengths.shape or starts.dim() != 1 or (B * Hq) % starts.numel():
-        raise ValueError(f"starts and lengths must be (B * H,) with H dividing {Hq} query heads, got "
-                         f"{tuple(starts.shape)} and {tuple(lengths.shape)}")
+    n = starts.numel()
+    if starts.shape != lengths.shape or starts.dim() != 1 or n == 0 or n % B or Hq % (n // B):
+        raise ValueError(f"starts and lengths must be (B * H,) = ({B} * H,) with H dividing {Hq} query heads, "
+                         f"got {tuple(starts.shape)} and {tuple(lengths.shape)}")
     if k.dim() != 2 or k.shape != v.shape or k.size(1) != D:
         raise ValueError(f"k, v must be (rows, {D}), got {tuple(k.shape)}, {tuple(v.shape)}")
-    G = B * Hq // starts.numel()
+    G = B * Hq // n
     L = int(lengths.max()) if max_len is None else max_len
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     chunk, block_n, block_d = launch_shape(L, D, chunk, block_n)
     S = triton.cdiv(L, chunk)
     dev = q.device
-    scores = torch.full((B * Hq, L), float("-inf"), device=dev, dtype=torch.float32)  # -inf past a head's end
+    scores = torch.full((B * Hq, L), float("-inf"), device=dev, dtype=torch.float32) if want_probs else \
+        torch.empty(B * Hq, L, device=dev, dtype=torch.float32)  # -inf past a head's end (read only for probs)
     m_part = torch.empty(B * Hq, S, device=dev, dtype=torch.float32)
     l_part = torch.empty(B * Hq, S, device=dev, dtype=torch.float32)
     acc_part = torch.empty(B * Hq, S, block_d, device=dev, dtype=torch.float32)

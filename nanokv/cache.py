@@ -142,9 +142,9 @@ class ProbStats:
         T, w, full = self.T, self.rows.size(2), slice(None)
         if len(idx) in (3, 4) and idx[0] == full and idx[1] == full:
             q, keys = idx[2], (idx[3] if len(idx) == 4 else full)
-            if isinstance(q, int) and -T <= q < T and q % T >= T - w:  # one of the last w queries
+            if type(q) is int and -T <= q < T and q % T >= T - w:  # one of the last w queries
                 return self.rows[:, :, q % T - (T - w)][..., keys]
-            if isinstance(q, slice) and q.stop is None and q.step is None and isinstance(q.start, int):
+            if isinstance(q, slice) and q.stop is None and q.step is None and type(q.start) is int:
                 start = max(q.start + T, 0) if q.start < 0 else q.start
                 if T - w <= start <= T:  # the last T - start queries
                     return self.rows[:, :, start - (T - w):][..., keys]
@@ -344,7 +344,8 @@ class KVCache:
             routed = self._decode_quant(q, parts)
             if routed is not None:
                 return routed
-        if len(parts) == 1 and isinstance(parts[0], RaggedPart):  # heads of different lengths
+        if len(parts) == 1 and isinstance(parts[0], RaggedPart) and not parts[0].store.quantized:  # heads of
+            # different lengths in full precision (a packed ragged store is dequantized and padded below)
             if self.backend == "torch":
                 return ragged_attention(q, parts[0], q_pos, with_probs)  # one head at a time
             if q.size(2) == 1:  # Triton decode: kernel 1 reads each head's rows of the flat store, no padding

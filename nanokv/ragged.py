@@ -298,7 +298,7 @@ class Ragged:
         # every head gains T entries: the lengths stay unequal and the longest grows by T
         self.lengths, self._max_len, self._spare = self.lengths + T, self._max_len + T, self._spare - T
         if self._spare == 0 and self.grow_by == 1:  # every run is full: the flat layout (no row counts)
-            self._caps = None
+            self._caps = None  # (_spare is 0 already)
 
     def evict_in_place(self, slots: torch.Tensor):
         """Uniform layout: drop the entry at slot `slots[b, h]` (B, H) of every head by writing
@@ -363,7 +363,7 @@ class Ragged:
             kept = mask.flatten().nonzero().squeeze(1)  # (B*H*n,) b*H*L + h*L + slot, in order
             self._take_slots((kept % max(self.max_len, 1)).view(self.batch, self.heads, n))
             self.lengths, self._uniform_len, self._max_len = counts, n, n
-            self._caps = None
+            self._caps, self._spare = None, 0
             return
         valid = self.valid_mask()
         if (mask & ~valid).any():
@@ -371,7 +371,7 @@ class Ragged:
         flat = mask[valid]  # (N,) in the flat (b, h, slot) order
         kept = {name: self.flat(name)[flat] for name in self.fields}
         self._set_lengths(counts)
-        self._caps = None  # each head owns exactly its kept entries
+        self._caps, self._spare = None, 0  # each head owns exactly its kept entries
         for name, t in kept.items():
             self.fields[name] = t.view(self.batch, self.heads, self._uniform_len, *self.trailing[name]) \
                 if self.uniform else t

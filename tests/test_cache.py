@@ -419,6 +419,8 @@ def test_prob_stats_answers_the_reads_methods_make_and_refuses_others():
     for bad in (0, 2, -4, 6, -7, slice(2, None), slice(-4, None), slice(4, 5)):
         with pytest.raises(NotImplementedError, match="the last 3 of 6 rows"):
             stats[:, :, bad]
+    with pytest.raises(NotImplementedError, match="the last 3 of 6 rows"):
+        stats[:, :, True]  # (a bool is not a row number: a tensor would add a dimension)
     with pytest.raises(NotImplementedError, match="dim=2"):
         stats.sum(dim=3)
     assert ProbStats.of(probs[:, :, -1:], 3).rows.shape == (1, 2, 1, 9)  # one query: one row, not three
@@ -430,25 +432,50 @@ def test_a_method_reading_more_than_it_declared_fails_on_the_torch_backend_too()
     seen = []
 
     class Declares(ScoredEviction):
-        name, probs_rows = "declares-test", 2
+        name, probs_rows, overreach = "declares-test", 2, False
 
         def observe(self, layer, probs, q):
             seen.append(probs[:, :, -1])  # the newest query's row: declared
             if probs.shape[2] > 2:
-                probs[:, :, 0]  # the first query's row: not declared
+                seen.append(probs[:, :, -2:].sum(dim=2))  # the last two rows: declared
+                if self.overreach:
+                    probs[:, :, 0]  # the first query's row: not declared
 
         def score(self, layer):
             return torch.zeros(layer.batch, layer.heads, layer.max_len)
 
     m = peaked_model()
     idx = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    over = Declares(budget=32)
+    over.overreach = True
     with pytest.raises(NotImplementedError, match="declare probs_rows = None"):
-        run(m, KVCache(m.config, Declares(budget=32)), idx, 6)
+        run(m, KVCache(m.config, over), idx, 6)
     seen.clear()
-    run(m, KVCache(m.config, Declares(budget=32)), idx, 2)  # a 2-token prefill reads only what it declared
+    run(m, KVCache(m.config, Declares(budget=32)), idx, 6)  # a 6-token prefill reads only what it declared
     got = list(seen)
     seen.clear()
     Declares.probs_rows = None  # the whole matrix: the same rows, bit for bit
-    run(m, KVCache(m.config, Declares(budget=32)), idx, 2)
-    assert len(got) == len(seen) == 2 * 11  # two layers, one prefill and ten decode steps
+    run(m, KVCache(m.config, Declares(budget=32)), idx, 6)
+    assert len(got) == len(seen) == 2 * (2 + 6)  # two layers: the prefill's two reads, six decode steps
     assert all(torch.equal(a, b) for a, b in zip(got, seen))
+
+
+def test_attention_over_a_packed_ragged_store_dequantizes_it():
+    """Quantized(Ada-KV): heads of different lengths held in low bits. Attention over the layer
+    between calls (cache.attention, for introspection) dequantizes and pads them (it used to
+    look for full-precision keys the store does not hold and raise KeyError)."""
+    from nanokv.cache import reference_attention
+    from nanokv.methods.quantized import Quantized
+
+    m = peaked_model()
+    cache = KVCache(m.config, Quantized(inner="adakv", budget=8, window=2, kernel=3))
+    with torch.no_grad():
+        m(torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0)), cache=cache)
+    layer = cache.layers[1]
+    assert not layer.uniform and "k" not in layer.fields  # ragged heads, packed codes only
+    q, q_pos = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([20], dtype=torch.int32)
+    out, probs = cache.attention(q, layer, q_pos)
+    want = reference_attention(q, layer.padded("k"), layer.padded("v"), q_pos, layer.padded("pos", fill=-1),
+                               layer.valid_mask())
+    assert torch.equal(out, want[0]) and torch.equal(probs, want[1])
+

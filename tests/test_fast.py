@@ -78,6 +78,9 @@ def test_decode_attention_varlen_reads_ragged_heads_where_they_are(B, H, G, D, d
         decode_attention_varlen(q.expand(B, H * G, 2, D), k, v, starts, n)
     with pytest.raises(ValueError, match="starts and lengths"):
         decode_attention_varlen(q, k, v, starts[:-1], n)
+    if B > 1:  # one batch row's heads for two batch rows of queries
+        with pytest.raises(ValueError, match="starts and lengths"):
+            decode_attention_varlen(q, k, v, starts[:1], n[:1])
 
 
 def test_decode_attention_split_sizes_agree():
