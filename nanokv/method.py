@@ -245,7 +245,8 @@ class Method:
     def observe(self, layer: Ragged, probs: torch.Tensor, q: torch.Tensor):
         """probs (B, H, T, Lmax) fp32: attention of the T new queries over every stored entry (a
         ProbStats answering for it in a call of several queries when the method declares
-        probs_rows; None when needs_probs is False). Update per-token state; return this call's scores for compress (or None)."""
+        probs_rows; None when needs_probs is False). Update per-token state; return this call's
+        scores for compress (or None)."""
         return None
 
     def compress(self, layer: Ragged, scores=None):

@@ -21,9 +21,10 @@ Two layouts, chosen automatically after every change:
            with no room moves every head into a run with `grow_by` - 1 spare rows (one copy;
            the spare rows are real memory, reported as padding, as in the uniform layout),
            so the next decode steps write one row per head; `reserve(n)` gives every head n
-           spare rows at once (generate() calls it for a prefill-only method such as Ada-KV). `padded(name)` builds a
-           temporary (B, H, Lmax, *trailing) copy plus a validity mask for one computation
-           (never held); `head_rows(name)` gives each head's entries as views, no copy.
+           spare rows at once (generate() calls it for a prefill-only method such as Ada-KV).
+           `padded(name)` builds a temporary (B, H, Lmax, *trailing) copy plus a validity
+           mask for one computation (never held); `head_rows(name)` gives each head's entries
+           as views, no copy.
 
 After an eviction (`keep`) the buffer is exactly the size of what is kept (no spare slots),
 so a compressed cache's bytes are exactly budget x per-entry bytes. A decode step's eviction
