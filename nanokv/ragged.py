@@ -66,7 +66,7 @@ class Ragged:
         self.bits: int | None = None  # the bits keys and values are stored at here (None: the model dtype)
         self.ordered = True  # entries in position order in every head (False after evict_in_place)
         self._caps: torch.Tensor | None = None  # ragged layout: (B*H,) rows each head owns; None: its entries only
-        self._spare = 0  # ragged layout: spare rows after each head's entries (every head has as many)
+        self._spare = 0  # ragged layout: spare rows after every head's entries (all alike; 0 when _caps is None)
 
     # ------------------------------------------------------------------ declaring fields
     def add_field(self, name: str, kind: str, trailing: tuple, dtype: torch.dtype, fill: float = 0.0):
@@ -158,8 +158,8 @@ class Ragged:
         None when every row does (after keep)."""
         if self._caps is None:
             return None
-        n, caps = self.lengths.flatten(), self._caps  # (B*H,) entries and rows of each head
-        shift = (torch.cumsum(caps, 0) - caps) - (torch.cumsum(n, 0) - n)  # first row - first entry's index
+        n = self.lengths.flatten()  # (B*H,) entries of each head
+        shift = self.head_starts() - (torch.cumsum(n, 0) - n)  # first row - first entry's index
         return torch.arange(int(n.sum()), device=n.device) + torch.repeat_interleave(shift, n)
 
     def flat(self, name: str) -> torch.Tensor:
@@ -240,7 +240,7 @@ class Ragged:
             return
         if self.uniform and self._uniform_len + more > self.capacity:
             self._grow(self._uniform_len + more)
-        elif not self.uniform and (self._caps is None or self._spare < more):
+        elif not self.uniform and self._spare < more:
             self._spread(more)
 
     def _spread(self, room: int):
@@ -286,10 +286,9 @@ class Ragged:
             return
         # ragged: each head's new entries go to its spare rows; when a head has too few, every
         # head first moves into a run with grow_by - 1 spare rows after them (one copy)
-        if self._caps is None or self._spare < T:
+        if self._spare < T:
             self._spread(T + self.grow_by - 1)
-        n_old, caps = self.lengths.flatten(), self._caps  # (B*H,) entries and rows of each head
-        start = torch.cumsum(caps, 0) - caps
+        start, n_old = self.head_starts(), self.lengths.flatten()  # (B*H,) each head's first row and entries
         new_dst = ((start + n_old)[:, None] + torch.arange(T, device=start.device)).flatten()  # (B*H*T,)
         for name, t in self.fields.items():
             if name in new:
