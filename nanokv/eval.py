@@ -18,7 +18,8 @@ Tasks (every row names its protocol)
   attn         attention loss over the same windows: the attention mass the full cache would put
                on tokens the method no longer holds, and each layer's relative output error
                (nanokv/probe.py)
-  persistence  Scissorhands' persistence ratio per layer, this model against a random one
+  persistence  Scissorhands' persistence ratio per layer, this model against a random one (with
+               the share of the prefix that is pivotal and how far attention is from uniform)
 Retrieval protocols: "agnostic" [default] prefills the context, lets the method compress it,
 then feeds the question as a continuation chunk; "aware" prefills context and question at once.
 Every row also carries the memory of the method after reading a full context: bytes held (by
@@ -47,7 +48,7 @@ from tqdm import tqdm
 from . import METHODS, KVCache
 from .corpus import builtin_text, file_text
 from .episodes import greedy_answer, make_episode, words_from
-from .probe import AttentionProbe, attention_maps, persistence_ratio
+from .probe import AttentionProbe, attention_maps, peak_over_uniform, persistence_ratio, pivotal_fraction
 
 TASKS = ("passkey", "lines", "needle", "ppl", "attn", "persistence")
 NEEDLE_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -227,10 +228,19 @@ def memory(model, factory, seq: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def persistence(model, wins, min_share: float = 0.5) -> list[float]:
-    """Per-layer persistence ratio, averaged over windows."""
-    per = [[persistence_ratio(p, min_share) for p in attention_maps(model, w[:-1])] for w in wins]
-    return [sum(x) / len(x) for x in zip(*per)]
+def persistence(model, wins, min_share: float = 0.5, details: bool = False):
+    """Per-layer persistence ratio, averaged over windows; with details=True a dict of per-layer lists:
+    ratio, pivotal (pivotal_fraction) and peak (peak_over_uniform)."""
+    maps = [attention_maps(model, w[:-1]) for w in wins]
+
+    def per_layer(f):
+        return [sum(x) / len(x) for x in zip(*[[f(p) for p in m] for m in maps])]
+
+    ratios = per_layer(lambda p: persistence_ratio(p, min_share))
+    if not details:
+        return ratios
+    return {"ratio": ratios, "pivotal": per_layer(lambda p: pivotal_fraction(p, min_share)),
+            "peak": per_layer(peak_over_uniform)}
 
 
 # ---------------------------------------------------------------------- the run
@@ -282,10 +292,13 @@ def run(args) -> tuple[list[dict], list[dict]]:
     if "persistence" in args.tasks:
         torch.manual_seed(args.seed)
         random_model = GPT(model.config).eval()
-        trained, rand = persistence(model, wins), persistence(random_model, wins)
+        got, rnd = persistence(model, wins, details=True), persistence(random_model, wins, details=True)
+        trained, rand = got["ratio"], rnd["ratio"]
         rows.append({"method": "-", "budget": None, "budget_frac": None, "task": "persistence", "protocol": "full",
                      "metric": "persistence_ratio", "value": sum(trained) / len(trained), "samples": len(wins),
-                     "per_layer": trained, "random_per_layer": rand, "random_value": sum(rand) / len(rand)})
+                     "per_layer": trained, "random_per_layer": rand, "random_value": sum(rand) / len(rand),
+                     "pivotal_per_layer": got["pivotal"], "random_pivotal_per_layer": rnd["pivotal"],
+                     "peak_per_layer": got["peak"], "random_peak_per_layer": rnd["peak"]})
     tasks = [t for t in args.tasks if t != "persistence"]
     for (spec, name, kwargs, budget), factory in tqdm(list(zip(plan, factories)), desc="eval", disable=args.quiet):
         mem = {f"mem_{k}": v for k, v in memory(model, factory, wins[0]).items()}

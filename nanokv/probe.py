@@ -13,7 +13,9 @@ states: the error is that of the cache at this layer, not accumulated drift. Qua
 methods hold every position (lost mass 0) but have an output error; a merged token counts
 as held only at its representative's position.
 
-persistence_ratio measures Scissorhands' "persistence of importance" on a full attention map.
+persistence_ratio measures Scissorhands' "persistence of importance" on a full attention map;
+pivotal_fraction how much of the prefix its pivotal set holds, and peak_over_uniform how far the
+map is from uniform attention (the two figures that say what a ratio means).
 """
 
 from __future__ import annotations
@@ -103,6 +105,22 @@ def attention_maps(model, ids: torch.Tensor) -> list[torch.Tensor]:
     return maps
 
 
+def pivotal_sets(probs: torch.Tensor, min_share: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """S1 and S2 of persistence_ratio for one layer, probs (H, T, T) causal: two (H, T/2) bool masks
+    over the prefix tokens j < T/2 (pivotal for the first-half queries, for the second-half queries)."""
+    H, T, _ = probs.shape
+    half = T // 2
+    t = torch.arange(T, dtype=torch.float32, device=probs.device)
+    pivotal = probs > (1.0 / (t + 1))[None, :, None]  # (H, T, T)
+    first = pivotal[:, :half, :half].float()  # queries t < half over prefix tokens j < half
+    second = pivotal[:, half:, :half].float()
+    # a query t sees j <= t: first-half shares count only the queries that could see j
+    seen = (torch.arange(half)[None, :] <= torch.arange(half)[:, None]).float()  # (t, j)
+    s1 = first.sum(1) / seen.sum(0).clamp_min(1) >= min_share  # (H, half)
+    s2 = second.mean(1) >= min_share
+    return s1, s2
+
+
 def persistence_ratio(probs: torch.Tensor, min_share: float = 0.5) -> float:
     """Scissorhands' persistence of importance for one layer, probs (H, T, T) causal.
 
@@ -114,19 +132,30 @@ def persistence_ratio(probs: torch.Tensor, min_share: float = 0.5) -> float:
     The paper takes unions (min_share -> 0); on a small model every prefix token is then
     pivotal for some query, so the ratio is 1 for any model. min_share = 0.5 ("usually
     pivotal") keeps the statistic informative; the choice is ours and named here.
+    Read it beside pivotal_fraction and peak_over_uniform: a model whose attention is nearly
+    uniform (random init) has about half of its prefix "pivotal", and the same half stays so.
     """
-    H, T, _ = probs.shape
-    half = T // 2
-    t = torch.arange(T, dtype=torch.float32, device=probs.device)
-    pivotal = probs > (1.0 / (t + 1))[None, :, None]  # (H, T, T)
-    first = pivotal[:, :half, :half].float()  # queries t < half over prefix tokens j < half
-    second = pivotal[:, half:, :half].float()
-    # a query t sees j <= t: first-half shares count only the queries that could see j
-    seen = (torch.arange(half)[None, :] <= torch.arange(half)[:, None]).float()  # (t, j)
-    s1 = first.sum(1) / seen.sum(0).clamp_min(1) >= min_share  # (H, half)
-    s2 = second.mean(1) >= min_share
-    ratios = [float((s1[h] & s2[h]).sum() / s2[h].sum()) for h in range(H) if s2[h].any()]
+    s1, s2 = pivotal_sets(probs, min_share)
+    ratios = [float((s1[h] & s2[h]).sum() / s2[h].sum()) for h in range(s2.size(0)) if s2[h].any()]
     return sum(ratios) / len(ratios) if ratios else 0.0
+
+
+def pivotal_fraction(probs: torch.Tensor, min_share: float = 0.5) -> float:
+    """|S2| / (T/2) of persistence_ratio, averaged over heads: the share of the prefix that stays
+    pivotal. The paper finds the pivotal set much smaller than the prefix in a trained model."""
+    return float(pivotal_sets(probs, min_share)[1].float().mean())
+
+
+def peak_over_uniform(probs: torch.Tensor) -> float:
+    """How far one layer's attention is from uniform, probs (H, T, T) causal.
+
+    For each head and query t >= 1: the largest attention share max_j a_t[j] divided by the
+    uniform share 1/(t+1); averaged over heads and queries. 1.0 means every query spreads its
+    attention evenly (then "above the average" in persistence_ratio is noise); a query that
+    puts all of its attention on one token gives t+1."""
+    H, T, _ = probs.shape
+    t = torch.arange(1, T, dtype=torch.float32, device=probs.device)
+    return float((probs[:, 1:].float().amax(-1) * (t + 1)).mean())
 
 
 def visibility_from_maps(maps: list[torch.Tensor], value_pos: list[int], window: int) -> dict:

@@ -53,6 +53,10 @@ def test_cli_runs_and_writes_every_file(ckpt, tmp_path):
     assert h2o["mem_fraction_of_full"] < 0.2 and h2o["mem_peak_fraction"] < 1.0  # layer by layer
     persist = rows[0]
     assert persist["task"] == "persistence" and len(persist["per_layer"]) == len(persist["random_per_layer"]) == 2
+    for key in ("pivotal_per_layer", "random_pivotal_per_layer", "peak_per_layer", "random_peak_per_layer"):
+        assert len(persist[key]) == 2, key
+    assert all(0.0 <= x <= 1.0 for x in persist["pivotal_per_layer"] + persist["random_pivotal_per_layer"])
+    assert all(x >= 1.0 - 1e-6 for x in persist["peak_per_layer"] + persist["random_peak_per_layer"])
     assert all(0.0 <= x <= 1.0 for x in persist["per_layer"] + persist["random_per_layer"])
 
 
@@ -165,6 +169,23 @@ def test_persistence_ratio_on_known_maps():
     assert nkeval.persistence_ratio(probs) == 0.0
 
 
+def test_pivotal_fraction_and_peak_over_uniform_on_known_maps():
+    from nanokv.probe import peak_over_uniform, pivotal_fraction
+
+    T = 8
+    t = torch.arange(T, dtype=torch.float32)
+    uniform = torch.tril(torch.ones(T, T)) / (t + 1)[:, None]  # every query spreads evenly: nothing is pivotal
+    uniform = uniform[None].repeat(2, 1, 1)
+    print(peak_over_uniform(uniform), pivotal_fraction(uniform))
+    assert abs(peak_over_uniform(uniform) - 1.0) < 1e-6 and pivotal_fraction(uniform) == 0.0
+    one = torch.zeros(2, T, T)
+    one[:, :, 0] = 1.0  # all attention on token 0: one pivotal token out of T/2, peak t + 1
+    assert pivotal_fraction(one) == 1 / (T // 2)
+    assert abs(peak_over_uniform(one) - float((t[1:] + 1).mean())) < 1e-6
+    one[1] = uniform[1]  # a uniform head halves the shares
+    assert pivotal_fraction(one) == 0.5 / (T // 2)
+
+
 def test_method_specs():
     assert nkeval.split_methods("full,mikv(bits_lo=3,balancer=False),quantized(inner=h2o)") == [
         "full", "mikv(bits_lo=3,balancer=False)", "quantized(inner=h2o)"]
@@ -235,6 +256,17 @@ def test_acceptance_verdicts_follow_the_numbers():
     bad = results.acceptance(rows(snap25=0.85))  # SnapKV at 25% below its 0.90 target
     print(bad[1])
     assert "does not hold" in bad[1] and all("does not hold" not in t for i, t in enumerate(bad) if i != 1)
+    # a persistence row with the pivotal shares and peaks says what its ratios mean, with its own figures
+    res = rows()
+    res["persistence"][0].update(per_layer=[0.9, 0.5], pivotal_per_layer=[0.12, 0.004],
+                                 random_pivotal_per_layer=[0.47, 0.49], peak_per_layer=[61.0, 20.0],
+                                 random_peak_per_layer=[1.13, 1.12])
+    five = results.acceptance(res)[5]
+    print(five)
+    assert "**holds**" in five and "47-49%" in five and "0.4-12.0%" in five
+    why = results.uniform_noise(res["persistence"][0])
+    assert "0.4-12.0% of the prefix" in why and "layer 1 (from 0) 0.50 over 0.4%" in why and "1.12-1.13 times" in why
+    assert results.uniform_noise(rows()["persistence"][0]) == ""  # older summaries: no explanation, no error
 
 
 def test_budget_plot_axes_reference_line_and_no_hidden_markers():
