@@ -265,7 +265,7 @@ def test_acceptance_verdicts_follow_the_numbers():
     print(five)
     assert "**holds**" in five and "47-49%" in five and "0.4-12.0%" in five
     why = results.uniform_noise(res["persistence"][0])
-    assert "0.4-12.0% of the prefix" in why and "layer 1 (from 0) 0.50 over 0.4%" in why and "1.12-1.13 times" in why
+    assert "0.4-12.0% of the prefix" in why and "layer 1 (from 0) holds 0.4%" in why and "down to 0.50" in why and "1.12-1.13 times" in why
     assert results.uniform_noise(rows()["persistence"][0]) == ""  # older summaries: no explanation, no error
 
 
