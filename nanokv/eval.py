@@ -231,16 +231,15 @@ def memory(model, factory, seq: torch.Tensor) -> dict:
 def persistence(model, wins, min_share: float = 0.5, details: bool = False):
     """Per-layer persistence ratio, averaged over windows; with details=True a dict of per-layer lists:
     ratio, pivotal (pivotal_fraction) and peak (peak_over_uniform)."""
-    maps = [attention_maps(model, w[:-1]) for w in wins]
-
-    def per_layer(f):
-        return [sum(x) / len(x) for x in zip(*[[f(p) for p in m] for m in maps])]
-
-    ratios = per_layer(lambda p: persistence_ratio(p, min_share))
-    if not details:
-        return ratios
-    return {"ratio": ratios, "pivotal": per_layer(lambda p: pivotal_fraction(p, min_share)),
-            "peak": per_layer(peak_over_uniform)}
+    per = {"ratio": [], "pivotal": [], "peak": []}  # per window: one value per layer
+    for w in wins:  # one window's maps at a time
+        maps = attention_maps(model, w[:-1])
+        per["ratio"].append([persistence_ratio(p, min_share) for p in maps])
+        if details:
+            per["pivotal"].append([pivotal_fraction(p, min_share) for p in maps])
+            per["peak"].append([peak_over_uniform(p) for p in maps])
+    mean = {k: [sum(x) / len(x) for x in zip(*v)] for k, v in per.items()}
+    return mean if details else mean["ratio"]
 
 
 # ---------------------------------------------------------------------- the run

@@ -115,7 +115,8 @@ def pivotal_sets(probs: torch.Tensor, min_share: float = 0.5) -> tuple[torch.Ten
     first = pivotal[:, :half, :half].float()  # queries t < half over prefix tokens j < half
     second = pivotal[:, half:, :half].float()
     # a query t sees j <= t: first-half shares count only the queries that could see j
-    seen = (torch.arange(half)[None, :] <= torch.arange(half)[:, None]).float()  # (t, j)
+    j = torch.arange(half, device=probs.device)
+    seen = (j[None, :] <= j[:, None]).float()  # (t, j)
     s1 = first.sum(1) / seen.sum(0).clamp_min(1) >= min_share  # (H, half)
     s2 = second.mean(1) >= min_share
     return s1, s2

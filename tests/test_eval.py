@@ -184,6 +184,10 @@ def test_pivotal_fraction_and_peak_over_uniform_on_known_maps():
     assert abs(peak_over_uniform(one) - float((t[1:] + 1).mean())) < 1e-6
     one[1] = uniform[1]  # a uniform head halves the shares
     assert pivotal_fraction(one) == 0.5 / (T // 2)
+    late = uniform.clone()  # token 1 pivotal only for the second-half queries: in S2, not in S1
+    late[:, T // 2:, 1] *= 2
+    late = late / late.sum(-1, keepdim=True)
+    assert pivotal_fraction(late) == 1 / (T // 2)
 
 
 def test_method_specs():
