@@ -229,8 +229,9 @@ def memory(model, factory, seq: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def persistence(model, wins, min_share: float = 0.5, details: bool = False):
-    """Per-layer persistence ratio, averaged over windows; with details=True a dict of per-layer lists:
-    ratio, pivotal (pivotal_fraction) and peak (peak_over_uniform)."""
+    """Per-layer persistence ratio, averaged over the windows where it is defined (None for a layer
+    where it never is); with details=True a dict of per-layer lists: ratio, windows (how many
+    windows the ratio averages), pivotal (pivotal_fraction) and peak (peak_over_uniform)."""
     per = {"ratio": [], "pivotal": [], "peak": []}  # per window: one value per layer
     for w in wins:  # one window's maps at a time
         maps = attention_maps(model, w[:-1])
@@ -238,7 +239,10 @@ def persistence(model, wins, min_share: float = 0.5, details: bool = False):
         if details:
             per["pivotal"].append([pivotal_fraction(p, min_share) for p in maps])
             per["peak"].append([peak_over_uniform(p) for p in maps])
-    mean = {k: [sum(x) / len(x) for x in zip(*v)] for k, v in per.items()}
+    mean = {k: [sum(x) / len(x) for x in zip(*v)] for k, v in per.items() if k != "ratio"}
+    defined = [[r for r in layer if r == r] for layer in zip(*per["ratio"])]  # NaN != NaN: undefined left out
+    mean["ratio"] = [sum(d) / len(d) if d else None for d in defined]
+    mean["windows"] = [len(d) for d in defined]
     return mean if details else mean["ratio"]
 
 
@@ -292,10 +296,14 @@ def run(args) -> tuple[list[dict], list[dict]]:
         torch.manual_seed(args.seed)
         random_model = GPT(model.config).eval()
         got, rnd = persistence(model, wins, details=True), persistence(random_model, wins, details=True)
-        trained, rand = got["ratio"], rnd["ratio"]
+        trained, rand = ([x for x in r["ratio"] if x is not None] for r in (got, rnd))  # layers with a ratio
+        if not trained or not rand:
+            raise ValueError(f"persistence: no layer has a pivotal token in any of the {len(wins)} windows "
+                             f"(trained {len(trained)} layers, random {len(rand)}); pass more --windows")
         rows.append({"method": "-", "budget": None, "budget_frac": None, "task": "persistence", "protocol": "full",
                      "metric": "persistence_ratio", "value": sum(trained) / len(trained), "samples": len(wins),
-                     "per_layer": trained, "random_per_layer": rand, "random_value": sum(rand) / len(rand),
+                     "per_layer": got["ratio"], "random_per_layer": rnd["ratio"], "random_value": sum(rand) / len(rand),
+                     "windows_per_layer": got["windows"], "random_windows_per_layer": rnd["windows"],
                      "pivotal_per_layer": got["pivotal"], "random_pivotal_per_layer": rnd["pivotal"],
                      "peak_per_layer": got["peak"], "random_peak_per_layer": rnd["peak"]})
     tasks = [t for t in args.tasks if t != "persistence"]

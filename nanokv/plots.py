@@ -98,11 +98,12 @@ def needle_heatmaps(rows, path: str) -> str:
 
 
 def persistence_plot(row, path: str) -> str:
-    """Persistence ratio per layer, trained model against a randomly initialised one."""
+    """Persistence ratio per layer, trained model against a randomly initialised one (a layer with
+    no ratio in any window, None, is left as a gap)."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     layers = range(len(row["per_layer"]))
-    ax.plot(layers, row["per_layer"], "o-", label="trained")
-    ax.plot(layers, row["random_per_layer"], "s--", label="random init")
+    for key, style, label in (("per_layer", "o-", "trained"), ("random_per_layer", "s--", "random init")):
+        ax.plot(layers, [float("nan") if x is None else x for x in row[key]], style, label=label)
     ax.set_ylim(0, 1.05)
     ax.set_xticks(list(layers))
     ax.set_xlabel("layer")

@@ -130,6 +130,9 @@ def persistence_ratio(probs: torch.Tensor, min_share: float = 0.5) -> float:
         S1 = tokens pivotal for at least `min_share` of the first-half queries
         S2 = tokens pivotal for at least `min_share` of the second-half queries
         ratio = |S1 and S2| / |S2|   (averaged over heads; heads with empty S2 are skipped)
+    If no head has a pivotal token in S2 the ratio is undefined and the result is NaN (a window
+    whose second half attends to nothing in particular is not evidence against persistence);
+    nanokv.eval.persistence leaves such windows out of a layer's average and counts them.
     The paper takes unions (min_share -> 0); on a small model every prefix token is then
     pivotal for some query, so the ratio is 1 for any model. min_share = 0.5 ("usually
     pivotal") keeps the statistic informative; the choice is ours and named here.
@@ -138,7 +141,7 @@ def persistence_ratio(probs: torch.Tensor, min_share: float = 0.5) -> float:
     """
     s1, s2 = pivotal_sets(probs, min_share)
     ratios = [float((s1[h] & s2[h]).sum() / s2[h].sum()) for h in range(s2.size(0)) if s2[h].any()]
-    return sum(ratios) / len(ratios) if ratios else 0.0
+    return sum(ratios) / len(ratios) if ratios else float("nan")
 
 
 def pivotal_fraction(probs: torch.Tensor, min_share: float = 0.5) -> float:

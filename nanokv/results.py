@@ -88,6 +88,11 @@ def verdict(ok: bool) -> str:
     return "**holds**" if ok else "**does not hold here**"
 
 
+def ratio_text(x) -> str:
+    """A per-layer persistence ratio; None where no window of the layer had one."""
+    return "n/a" if x is None else f"{x:.2f}"
+
+
 def uniform_noise(p) -> str:
     """What the persistence ratios mean, from the persistence row's pivotal shares and peaks (if recorded)."""
     if "random_peak_per_layer" not in p:
@@ -96,14 +101,19 @@ def uniform_noise(p) -> str:
     rs, ts = p["random_pivotal_per_layer"], p["pivotal_per_layer"]
 
     low = min(range(len(ts)), key=lambda i: ts[i])  # the layer with the smallest pivotal set
+    counted = p.get("windows_per_layer")
+    left_out = ""
+    if counted and counted[low] < p["samples"]:
+        left_out = (f"; in {p['samples'] - counted[low]} of the {p['samples']} windows no head of that layer has a "
+                    f"pivotal token, so the ratio is undefined there and that layer's {ratio_text(p['per_layer'][low])} "
+                    f"averages the other {counted[low]}")
 
     def span(xs, fmt):
         return f"{min(xs):{fmt}}-{max(xs):{fmt}}"
 
     return (f" What the two ratios measure differs. The trained model's pivotal set (S2, nanokv/probe.py) is "
             f"{span([100 * x for x in ts], '.1f')}% of the prefix, as the paper finds (much smaller than the "
-            f"prefix; layer {low} (from 0) holds {100 * ts[low]:.1f}%, and a window where no head of a layer has a "
-            f"pivotal token scores 0, which pulls that layer's average down to {p['per_layer'][low]:.2f}); the random "
+            f"prefix; layer {low} (from 0) holds {100 * ts[low]:.1f}%{left_out}); the random "
             f"model's is {span([100 * x for x in rs], '.0f')}%: its attention is nearly uniform (a query's largest "
             f"share is on average {span(rp, '.2f')} times the uniform share 1/(t+1), t counted from 0; the trained "
             f"model's {span(tp, '.0f')} times), so \"above the average\" puts about half of its prefix in the pivotal "
@@ -132,8 +142,8 @@ def claims(res) -> list[str]:
     p = res["persistence"][0]
     out.append(
         f"**Persistence of importance** (high in a trained model, absent at random init): per-layer ratio "
-        f"trained {', '.join(f'{x:.2f}' for x in p['per_layer'])} against random init "
-        f"{', '.join(f'{x:.2f}' for x in p['random_per_layer'])}; trained above random on average: "
+        f"trained {', '.join(map(ratio_text, p['per_layer']))} against random init "
+        f"{', '.join(map(ratio_text, p['random_per_layer']))}; trained above random on average: "
         f"{verdict(p['value'] > p['random_value'])}." + uniform_noise(p))
     m = res["mikv"]
     v = {k: pick(m, k, "lines", f) for k, f in [("full", None), ("h2o", 0.2), ("mikv(bits_lo=2,balancer=False)", None),

@@ -167,6 +167,27 @@ def test_persistence_ratio_on_known_maps():
     probs[0, :4, 0] = 1.0
     probs[0, 4:, 1] = 1.0
     assert nkeval.persistence_ratio(probs) == 0.0
+    t = torch.arange(T, dtype=torch.float32)  # uniform attention: nothing is pivotal, the ratio is undefined
+    uniform = (torch.tril(torch.ones(T, T)) / (t + 1)[:, None])[None]
+    assert math.isnan(nkeval.persistence_ratio(uniform))
+
+
+def test_persistence_leaves_out_windows_without_a_ratio(monkeypatch):
+    """A layer's ratio averages only the windows where it is defined, and says how many."""
+    T = 8
+    t = torch.arange(T, dtype=torch.float32)
+    uniform = (torch.tril(torch.ones(T, T)) / (t + 1)[:, None])[None]  # no pivotal token: no ratio
+    keeps = torch.zeros(1, T, T)
+    keeps[0, :, 0] = 1.0  # token 0 pivotal throughout: ratio 1
+    moves = torch.zeros(1, T, T)
+    moves[0, :4, 0], moves[0, 4:, 1] = 1.0, 1.0  # ratio 0
+    maps = {0: [keeps, uniform], 1: [moves, uniform]}  # window -> per-layer maps
+    monkeypatch.setattr(nkeval, "attention_maps", lambda model, ids: maps[int(ids[0])])
+    wins = [torch.tensor([0, 5, 5]), torch.tensor([1, 5, 5])]
+    got = nkeval.persistence(None, wins, details=True)
+    print(got)
+    assert got["ratio"] == [0.5, None] and got["windows"] == [2, 0]
+    assert nkeval.persistence(None, wins) == [0.5, None]
 
 
 def test_pivotal_fraction_and_peak_over_uniform_on_known_maps():
@@ -262,14 +283,15 @@ def test_acceptance_verdicts_follow_the_numbers():
     assert "does not hold" in bad[1] and all("does not hold" not in t for i, t in enumerate(bad) if i != 1)
     # a persistence row with the pivotal shares and peaks says what its ratios mean, with its own figures
     res = rows()
-    res["persistence"][0].update(per_layer=[0.9, 0.5], pivotal_per_layer=[0.12, 0.004],
+    res["persistence"][0].update(per_layer=[0.9, 0.75], pivotal_per_layer=[0.12, 0.004],
                                  random_pivotal_per_layer=[0.47, 0.49], peak_per_layer=[61.0, 20.0],
-                                 random_peak_per_layer=[1.13, 1.12])
+                                 random_peak_per_layer=[1.13, 1.12], samples=4, windows_per_layer=[4, 3])
     five = results.acceptance(res)[5]
     print(five)
     assert "**holds**" in five and "47-49%" in five and "0.4-12.0%" in five
     why = results.uniform_noise(res["persistence"][0])
-    assert "0.4-12.0% of the prefix" in why and "layer 1 (from 0) holds 0.4%" in why and "down to 0.50" in why and "1.12-1.13 times" in why
+    assert "0.4-12.0% of the prefix" in why and "layer 1 (from 0) holds 0.4%" in why and "in 1 of the 4 windows" in why \
+        and "0.75 averages the other 3" in why and "1.12-1.13 times" in why
     assert results.uniform_noise(rows()["persistence"][0]) == ""  # older summaries: no explanation, no error
 
 
