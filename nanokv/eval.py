@@ -240,7 +240,7 @@ def persistence(model, wins, min_share: float = 0.5, details: bool = False):
             per["pivotal"].append([pivotal_fraction(p, min_share) for p in maps])
             per["peak"].append([peak_over_uniform(p) for p in maps])
     mean = {k: [sum(x) / len(x) for x in zip(*v)] for k, v in per.items() if k != "ratio"}
-    defined = [[r for r in layer if r == r] for layer in zip(*per["ratio"])]  # NaN != NaN: undefined left out
+    defined = [[r for r in layer if not math.isnan(r)] for layer in zip(*per["ratio"])]  # per layer
     mean["ratio"] = [sum(d) / len(d) if d else None for d in defined]
     mean["windows"] = [len(d) for d in defined]
     return mean if details else mean["ratio"]
