@@ -36,6 +36,8 @@ EXPERIMENTS = {
     # the miniature's acceptance (issue 17): 200 episodes per cell, seeds never used to choose the model
     "agnostic200": (["--methods", "full,streamingllm," + ",".join(IMPORTANCE), "--budgets", "25%,50%",
                      "--tasks", "passkey,lines"], 200, 1),
+    # the full cache on ten times as many episodes: 200 leave a 0.90 target within about 2 points of noise
+    "full2000": (["--methods", "full", "--tasks", "passkey,lines"], 2000, 1),
     "aware200": (["--methods", "full,streamingllm,snapkv", "--budgets", "10%,25%", "--tasks", "passkey,lines",
                   "--protocol", "aware"], 200, 1),
     "ppl20": (["--methods", "full," + BUDGETED, "--budgets", "20%", "--tasks", "ppl"], 1, 4),
@@ -202,8 +204,14 @@ def acceptance(res) -> list[str]:
     a, w = res["agnostic200"], res["aware200"]
     out = []
     full = {t: pick(w, "full", t) for t in ("passkey", "lines")}
+    ok = full["passkey"] >= 0.97 and full["lines"] >= 0.90
+    more = ""
+    if "full2000" in res:  # the larger sample must meet the targets too
+        big = {t: pick(res["full2000"], "full", t) for t in ("passkey", "lines")}
+        ok &= big["passkey"] >= 0.97 and big["lines"] >= 0.90
+        more = f"; on 2000 episodes each (`results/full2000`): passkey {big['passkey']:.3f}, lines {big['lines']:.3f}"
     out.append(f"1. Full cache (200 episodes each, question-aware): passkey {full['passkey']:.3f} (target >= 0.97), lines "
-               f"{full['lines']:.3f} (target >= 0.90): {verdict(full['passkey'] >= 0.97 and full['lines'] >= 0.90)}.")
+               f"{full['lines']:.3f} (target >= 0.90){more}: {verdict(ok)}.")
     snap = pick(w, "snapkv", "passkey", 0.25)
     out.append(f"2. SnapKV, question-aware, 25% of the context: passkey {snap:.3f} (target >= 0.90; StreamingLLM "
                f"{pick(w, 'streamingllm', 'passkey', 0.25):.3f}; at 10%: SnapKV {pick(w, 'snapkv', 'passkey', 0.1):.3f}): "
@@ -228,7 +236,8 @@ def acceptance(res) -> list[str]:
                f"target within 10%): {verdict(best['value'] <= 1.10 * ref20)}.")
     p = res["persistence"][0]
     out.append(f"5. Persistence ratio, trained {p['value']:.3f} against random init {p['random_value']:.3f} "
-               f"({p['value'] - p['random_value']:+.3f}, target +0.15): {verdict(p['value'] - p['random_value'] >= 0.15)}"
+               f"({p['value'] - p['random_value']:+.3f}, target +0.15, i.e. trained >= {p['random_value'] + 0.15:.3f}; a ratio is "
+               f"at most 1): {verdict(p['value'] - p['random_value'] >= 0.15)}"
                + (f" (random init's attention is nearly uniform, so about half of its prefix counts as pivotal: "
                   f"{100 * min(p['random_pivotal_per_layer']):.0f}-{100 * max(p['random_pivotal_per_layer']):.0f}% "
                   f"against the trained model's {100 * min(p['pivotal_per_layer']):.1f}-"
@@ -280,8 +289,10 @@ def write_results(path: str, out: str, res, seconds: float, quick: bool, model: 
     ]
     lines += [f"- {c}" for c in claims(res)]
     lines += ["", "## The miniature's acceptance (issue 17)", "",
-              "Greedy exact match on 200 held-out episodes per cell (seed 1; checkpoints were chosen on seed 0). "
-              "Tables: `results/agnostic200`, `results/aware200`, `results/ppl20`, `results/foreign_*`.", ""]
+              "Greedy exact match on 200 held-out episodes per cell (seed 1; checkpoints were chosen on seed 0); "
+              "one standard error at 200 episodes is about 2 points near 0.9 and 3.5 points near 0.5. "
+              "Tables: `results/full2000`, `results/agnostic200`, `results/aware200`, `results/ppl20`, "
+              "`results/foreign_*`.", ""]
     lines += acceptance(res) if "agnostic200" in res else [
         "Not in this page: its runs predate the experiments that measure it (`python -m nanokv.results` "
         "runs them; the closing notes of issue 17 give the figures measured so far)."]
@@ -301,7 +312,8 @@ def write_results(path: str, out: str, res, seconds: float, quick: bool, model: 
                                ["needle"])]:
         lines += [f"## {title}", "", " ".join(f"![{p}]({rel}/{name}/{p}.png)" for p in pngs), "",
                   nkeval.summary_table(res[name]), ""]
-    for name, title in [("agnostic200", "Importance against recency, question-agnostic, 200 episodes"),
+    for name, title in [("full2000", "The full cache, 2000 episodes"),
+                        ("agnostic200", "Importance against recency, question-agnostic, 200 episodes"),
                         ("aware200", "SnapKV question-aware, 200 episodes"),
                         ("ppl20", "Streaming perplexity at 20%"),
                         ("foreign_aware", "Foreign filler, question-aware"),
