@@ -36,8 +36,9 @@ EXPERIMENTS = {
     # the miniature's acceptance (issue 17): 200 episodes per cell, seeds never used to choose the model
     "agnostic200": (["--methods", "full,streamingllm," + ",".join(IMPORTANCE), "--budgets", "25%,50%",
                      "--tasks", "passkey,lines"], 200, 1),
-    # the full cache on ten times as many episodes: 200 leave a 0.90 target within about 2 points of noise
-    "full2000": (["--methods", "full", "--tasks", "passkey,lines"], 2000, 1),
+    # target 1 on ten times the episodes (the 200 of aware200 and 1800 more): a figure from 200 episodes
+    # is uncertain by about 2 points near 0.90, from 2000 by about 0.7
+    "full2000": (["--methods", "full", "--tasks", "passkey,lines", "--protocol", "aware"], 2000, 1),
     "aware200": (["--methods", "full,streamingllm,snapkv", "--budgets", "10%,25%", "--tasks", "passkey,lines",
                   "--protocol", "aware"], 200, 1),
     "ppl20": (["--methods", "full," + BUDGETED, "--budgets", "20%", "--tasks", "ppl"], 1, 4),
@@ -206,10 +207,12 @@ def acceptance(res) -> list[str]:
     full = {t: pick(w, "full", t) for t in ("passkey", "lines")}
     ok = full["passkey"] >= 0.97 and full["lines"] >= 0.90
     more = ""
-    if "full2000" in res:  # the larger sample must meet the targets too
+    if "full2000" in res:  # the larger sample must meet the targets too (both samples decide)
         big = {t: pick(res["full2000"], "full", t) for t in ("passkey", "lines")}
         ok &= big["passkey"] >= 0.97 and big["lines"] >= 0.90
-        more = f"; on 2000 episodes each (`results/full2000`): passkey {big['passkey']:.3f}, lines {big['lines']:.3f}"
+        n = res["full2000"][0]["samples"]
+        more = (f"; on {n} episodes each (those 200 and {n - 200} more, `results/full2000`): passkey "
+                f"{big['passkey']:.3f}, lines {big['lines']:.3f}; both samples must meet the targets")
     out.append(f"1. Full cache (200 episodes each, question-aware): passkey {full['passkey']:.3f} (target >= 0.97), lines "
                f"{full['lines']:.3f} (target >= 0.90){more}: {verdict(ok)}.")
     snap = pick(w, "snapkv", "passkey", 0.25)
@@ -289,8 +292,9 @@ def write_results(path: str, out: str, res, seconds: float, quick: bool, model: 
     ]
     lines += [f"- {c}" for c in claims(res)]
     lines += ["", "## The miniature's acceptance (issue 17)", "",
-              "Greedy exact match on 200 held-out episodes per cell (seed 1; checkpoints were chosen on seed 0); "
-              "one standard error at 200 episodes is about 2 points near 0.9 and 3.5 points near 0.5. "
+              "Greedy exact match on 200 held-out episodes per cell, 2000 in `full2000` (seed 1; checkpoints were "
+              "chosen on seed 0); one standard error is about 2 points near 0.9 and 3.5 points near 0.5 at 200 "
+              "episodes, 0.7 points near 0.9 at 2000. "
               "Tables: `results/full2000`, `results/agnostic200`, `results/aware200`, `results/ppl20`, "
               "`results/foreign_*`.", ""]
     lines += acceptance(res) if "agnostic200" in res else [
