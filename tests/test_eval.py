@@ -261,7 +261,7 @@ def test_acceptance_verdicts_follow_the_numbers():
         agn = [row(m, t, None if m == "full" else f, v) for t in ("passkey", "lines") for f in (0.25, 0.5)
                for m, v in (("full", 1.0), ("streamingllm", 0.3), ("h2o", 0.8), ("tova", 0.2),
                             ("scissorhands", 0.3), ("snapkv", 0.1), ("ems", 0.6))]
-        aware = [row("full", "passkey", None, 0.99), row("full", "lines", None, lines200)] + [
+        aware = [row("full", "passkey", None, 0.99, samples=200), row("full", "lines", None, lines200, samples=200)] + [
             row(m, t, f, v) for t in ("passkey", "lines") for f in (0.1, 0.25)
             for m, v in (("streamingllm", 0.2), ("snapkv", snap25))]
         foreign_aware = [row("full", "passkey", None, 0.98), row("full", "lines", None, lines200 - 0.01)] + [
