@@ -204,13 +204,16 @@ def acceptance(res) -> list[str]:
     """Issue 17's acceptance figures for the miniature, each with its target and verdict."""
     a, w = res["agnostic200"], res["aware200"]
     out = []
-    full = {t: pick(w, "full", t) for t in ("passkey", "lines")}
+    def full_of(rows):  # the full cache's accuracies, and whether they meet target 1
+        f = {t: pick(rows, "full", t) for t in ("passkey", "lines")}
+        return f, f["passkey"] >= 0.97 and f["lines"] >= 0.90
+
+    full, ok = full_of(w)
     m = next(r["samples"] for r in w if r["method"] == "full")  # 200 (20 in a --quick run)
-    ok = full["passkey"] >= 0.97 and full["lines"] >= 0.90
     more = ""
     if "full2000" in res:  # the larger sample must meet the targets too (both samples decide)
-        big = {t: pick(res["full2000"], "full", t) for t in ("passkey", "lines")}
-        ok &= big["passkey"] >= 0.97 and big["lines"] >= 0.90
+        big, big_ok = full_of(res["full2000"])
+        ok &= big_ok
         n = res["full2000"][0]["samples"]
         more = (f"; on {n} episodes each (those {m} and {n - m} more, `results/full2000`): passkey "
                 f"{big['passkey']:.3f}, lines {big['lines']:.3f}; both samples must meet the targets")
