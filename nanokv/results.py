@@ -295,8 +295,10 @@ def write_results(path: str, out: str, res, seconds: float, quick: bool, model: 
         "",
     ]
     lines += [f"- {c}" for c in claims(res)]
+    n_cell = {name: rows[0].get("samples") for name, rows in res.items() if rows}  # a --quick page has fewer
     lines += ["", "## The miniature's acceptance (issue 17)", "",
-              "Greedy exact match on 200 held-out episodes per cell, 2000 in `full2000` (seed 1; checkpoints were "
+              f"Greedy exact match on {n_cell.get('agnostic200') or 200} held-out episodes per cell"
+              + (f", {n_cell['full2000']} in `full2000`" if n_cell.get("full2000") else "") + " (seed 1; checkpoints were "
               "chosen on seed 0); one standard error is about 2 points near 0.9 and 3.5 points near 0.5 at 200 "
               "episodes, 0.7 points near 0.9 at 2000. "
               "Tables: `results/full2000`, `results/agnostic200`, `results/aware200`, `results/ppl20`, "
@@ -320,9 +322,9 @@ def write_results(path: str, out: str, res, seconds: float, quick: bool, model: 
                                ["needle"])]:
         lines += [f"## {title}", "", " ".join(f"![{p}]({rel}/{name}/{p}.png)" for p in pngs), "",
                   nkeval.summary_table(res[name]), ""]
-    for name, title in [("full2000", "The full cache, 2000 episodes"),
-                        ("agnostic200", "Importance against recency, question-agnostic, 200 episodes"),
-                        ("aware200", "SnapKV question-aware, 200 episodes"),
+    for name, title in [("full2000", f"The full cache, {n_cell.get('full2000')} episodes"),
+                        ("agnostic200", f"Importance against recency, question-agnostic, {n_cell.get('agnostic200')} episodes"),
+                        ("aware200", f"SnapKV question-aware, {n_cell.get('aware200')} episodes"),
                         ("ppl20", "Streaming perplexity at 20%"),
                         ("foreign_aware", "Foreign filler, question-aware"),
                         ("foreign_agnostic", "Foreign filler, question-agnostic")]:
