@@ -299,7 +299,7 @@ def write_results(path: str, out: str, res, seconds: float, quick: bool, model: 
     lines += ["", "## The miniature's acceptance (issue 17)", "",
               f"Greedy exact match on {n_cell.get('agnostic200') or 200} held-out episodes per cell"
               + (f", {n_cell['full2000']} in `full2000`" if n_cell.get("full2000") else "") + " (seed 1; checkpoints were "
-              "chosen on seed 0); one standard error is about 2 points near 0.9 and 3.5 points near 0.5 at 200 "
+              "chosen on seeds 0, 7 and 100-104); one standard error is about 2 points near 0.9 and 3.5 points near 0.5 at 200 "
               "episodes, 0.7 points near 0.9 at 2000. "
               "Tables: `results/full2000`, `results/agnostic200`, `results/aware200`, `results/ppl20`, "
               "`results/foreign_*`.", ""]
