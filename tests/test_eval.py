@@ -248,7 +248,7 @@ def test_results_page_from_the_committed_summaries(tmp_path):
     assert text.startswith("# Results") and "| method | budget | task |" in text
     assert "on 200 held-out episodes per cell, 2000 in `full2000`" in text and "## The full cache, 2000 episodes" in text
     # a --quick page (a tenth of the episodes) states its own counts, read from the rows
-    small = {name: [dict(r, samples=r["samples"] // 10) for r in rows] for name, rows in res.items()}
+    small = {name: [dict(r, samples=max(1, r["samples"] // 10)) for r in rows] for name, rows in res.items()}
     results.write_results(str(md), root, small, 60.0, quick=True)
     text = md.read_text()
     assert "on 20 held-out episodes per cell, 200 in `full2000`" in text and "## The full cache, 200 episodes" in text \
