@@ -271,12 +271,13 @@ def run(args) -> tuple[list[dict], list[dict]]:
                              "use passkey, lines, needle, ppl")
     else:
         model = GPT.from_pretrained(args.model)
-        if getattr(args, "context", None):
-            raise ValueError("--context is for --model hf:... (nanokv's GPT evaluates at its block size)")
+        block = model.config.block_size
+        if getattr(args, "context", None) is not None and not 16 <= args.context <= block:
+            raise ValueError(f"--context must be in [16, {block}] for this model (its block size), got {args.context}")
     if getattr(args, "gpt2_dir", None):
         model.tokenizer_dir = args.gpt2_dir  # GPT-2's tokenizer files, offline
     model.eval()
-    context = model.config.block_size
+    context = getattr(args, "context", None) or model.config.block_size  # hf: already the model's block size
     plan = plan_of(args, context)  # budgets checked against the context before any work
     # every method built once before any work (a typo fails first, with the method named)
     factories = [make_factory(model, name, budget, **kwargs) for _, name, kwargs, budget in plan]
@@ -369,8 +370,8 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="nanokv-tiny", help="checkpoint, GPT-2 directory or name; hf:NAME_OR_DIR for "
                    "any transformers Llama, Qwen, Mistral or GPT-2 with its own tokenizer (nanokv.hf)")
-    p.add_argument("--context", type=int, help="with --model hf:...: context length of the episodes and windows "
-                   "(default: the model's, at most 2048)")
+    p.add_argument("--context", type=int, help="context length of the episodes and windows (default: the model's "
+                   "block size; with --model hf:... at most 2048)")
     p.add_argument("--methods", default="full,streamingllm,h2o,tova,scissorhands,snapkv,pyramidkv,adakv,knorm,"
                    "rtn,kivi,mikv,quantized,cam,d2o,ems", help="comma-separated method specs, e.g. mikv(bits_lo=3)")
     p.add_argument("--budgets", default="10%,25%,50%", help="tokens or %% of the context, comma-separated")

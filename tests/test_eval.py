@@ -230,6 +230,24 @@ def test_budget_above_context_fails_before_work(ckpt, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_context_shorter_than_the_block(ckpt, tmp_path):
+    """--context runs nanokv's GPT on shorter episodes and windows: budgets are a share of it, every
+    episode has that length; beyond the block size (or below 16) it is refused before any work."""
+    out = tmp_path / "short"
+    rows = nkeval.main(["--model", ckpt, "--context", "96", "--methods", "full,h2o", "--budgets", "25%",
+                        "--tasks", "passkey,lines,ppl", "--samples", "2", "--windows", "1", "--out", str(out),
+                        "--quiet", "--no-plots"])
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    lengths = {s["length"] for s in samples if s["task"] in ("passkey", "lines")}
+    print("episode lengths", lengths, "h2o budget", [r["budget"] for r in rows if r["method"] == "h2o"])
+    assert lengths == {96}
+    assert all(r["budget"] == 24 for r in rows if r["method"] == "h2o")
+    for bad in ("129", "8"):
+        with pytest.raises(SystemExit, match=rf"--context must be in \[16, 128\] for this model \(its block size\), got {bad}"):
+            nkeval.main(["--model", ckpt, "--context", bad, "--methods", "full", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
 def test_results_page_from_the_committed_summaries(tmp_path):
     """RESULTS.md's text is computed from the saved runs: every claim gets a verdict."""
     import os
